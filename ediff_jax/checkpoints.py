@@ -1,0 +1,88 @@
+"""Orbax checkpoints with named items: `state` (the train state) and `meta` (JSON).
+
+`meta` records what the state belongs to (model config, image size, stage), so a workdir
+holding a checkpoint of another model is refused *before* anything is restored or
+written: the user's checkpoint is never touched by a mismatched run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    """The workdir's checkpoint does not fit the model being built."""
+
+
+def _normalise(obj: Any) -> Any:
+    """JSON round-trip, so tuples and lists compare equal."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+class Checkpointer:
+    def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True):
+        self.directory = Path(workdir).expanduser().absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def read_meta(self, step: int | None = None) -> dict | None:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
+    def check_compatible(self, meta: Mapping[str, Any]) -> None:
+        """Raises CheckpointMismatchError naming the differing keys, if any."""
+        saved = self.read_meta()
+        if saved is None:
+            return
+        saved, wanted = _normalise(saved), _normalise(meta)
+        diffs = []
+        for section in sorted(set(saved) | set(wanted)):
+            a, b = saved.get(section), wanted.get(section)
+            if isinstance(a, dict) and isinstance(b, dict):
+                for key in sorted(set(a) | set(b)):
+                    if a.get(key) != b.get(key):
+                        diffs.append(f"{section}.{key}: checkpoint has {a.get(key)!r}, config has {b.get(key)!r}")
+            elif a != b:
+                diffs.append(f"{section}: checkpoint has {a!r}, config has {b!r}")
+        if diffs:
+            raise CheckpointMismatchError(
+                f"The workdir {str(self.directory.parent)!r} holds a checkpoint (step {self.latest_step()}) of "
+                "another model:\n  " + "\n  ".join(diffs) + "\nThe checkpoint was left untouched. Use a new "
+                "--workdir, or the config that wrote it."
+            )
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any], force: bool = False) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_normalise(meta))),
+            force=force,
+        )
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+        """Restores onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs)."""
+        step = self.latest_step() if step is None else step
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,123 @@
+"""Defaults shared by every config; each config file overrides what it changes.
+
+Config files follow big_vision: `get_config(arg)` where `arg` is a comma-separated list
+of `key=value` variants (e.g. `configs/base64.py:size=tiny`).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses 'a=1,b=x' into a ConfigDict over `defaults`; unknown keys are an error."""
+    out = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return out
+    for item in arg.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"Config argument {item!r} must look like key=value (valid keys: {sorted(defaults)}).")
+        if key not in defaults:
+            raise ValueError(f"Unknown config argument {key!r}; valid keys: {sorted(defaults)}.")
+        typ = type(defaults[key])
+        out[key] = (value.lower() in ("1", "true", "yes")) if typ is bool else typ(value)
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "ediff_shapes/64"  # TFDS name; "ediff_shapes/SIZE" is prepared locally
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.image_size = 64
+    c.data.shuffle_buffer = 10_000
+
+    c.text = ml_collections.ConfigDict()
+    # Hugging Face model directories, or builtin:NAME for the shipped tiny defaults.
+    # For real eDiff-I conditioning point these at T5-XXL (google/t5-v1_1-xxl) and
+    # CLIP-L/14 (openai/clip-vit-large-patch14) directories.
+    c.text.t5_path = "builtin:t5_shapes"
+    c.text.clip_path = "builtin:clip_shapes"
+    c.text.t5_max_length = 32
+    c.text.clip_max_length = 32
+    c.text.drop_rates = ml_collections.ConfigDict({"t5": 0.25, "clip": 0.2})  # eDiff-I's rates
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "unet"
+    c.model.channels = 64
+    c.model.channel_mult = (1, 2, 3, 4)
+    c.model.num_res_blocks = 2
+    c.model.attn_resolutions = (16, 8)
+    c.model.cross_attn_resolutions = (16, 8)
+    c.model.num_heads = 4
+    c.model.context_dim = 256
+    c.model.dropout = 0.0
+    c.model.dtype = "float32"
+    c.model.remat = False
+
+    c.edm = ml_collections.ConfigDict()
+    c.edm.sigma_data = 0.5
+    c.edm.p_mean = -1.2
+    c.edm.p_std = 1.2
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by other axes
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64  # global
+    c.train.num_steps = 100_000
+    c.train.lr = 1e-4
+    c.train.warmup_steps = 1000
+    c.train.weight_decay = 0.0
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.9999
+    c.train.log_every = 100
+    c.train.ckpt_every = 5000
+    c.train.keep_ckpts = 3
+    c.train.sample_every = 10_000  # 0 disables periodic sample grids
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.steps = 32
+    c.sample.guidance = 3.0
+    c.sample.sampler = "heun"
+    c.sample.num_per_prompt = 4
+    c.sample.prompts = (
+        "a red circle",
+        "a blue square",
+        "a green triangle",
+        "a yellow circle in the top left",
+        "a purple square to the left of a orange circle",
+    )
+    return c
+
+
+def _unknown_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for key in config.keys():
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            out.append(f"{prefix}{key}{hint}")
+        elif isinstance(config[key], ml_collections.ConfigDict) and isinstance(schema[key], ml_collections.ConfigDict):
+            if key not in OPEN_SECTIONS:
+                out.extend(_unknown_keys(config[key], schema[key], f"{prefix}{key}."))
+    return out
+
+
+# Sections whose keys are free-form (e.g. mesh axis names, per-encoder rates).
+OPEN_SECTIONS = ("mesh", "drop_rates")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Rejects keys the code does not read (usually typos) before anything is built."""
+    unknown = _unknown_keys(config, base_config())
+    if unknown:
+        raise ValueError(
+            "Unknown config keys: " + ", ".join(unknown) + ". Check the spelling; the valid keys are those "
+            "of ediff_jax/config_utils.py:base_config()."
+        )

@@ -1,0 +1,180 @@
+"""ADM-style conditional UNet (eDiff-I's base and super-resolution backbone).
+
+Conditioning, as in eDiff-I:
+- c_noise (= log(sigma)/4) through a Fourier embedding and an MLP;
+- pooled CLIP text embedding added to that time embedding;
+- cross-attention over [T5 tokens ; CLIP tokens ; learned null token], each encoder
+  projected to `context_dim`. The null token is always attendable, so a prompt with
+  both encoders dropped (classifier-free guidance) still has a valid attention target;
+- for super-resolution: a low-resolution image upsampled and concatenated to the input,
+  plus an embedding of its noise-augmentation level.
+
+The network is F in D(x; sigma) = c_skip x + c_out F(c_in x; c_noise): EDM's
+preconditioning lives in `ediff_jax.edm`, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ediff_jax.models.layers import (
+    CrossAttentionBlock,
+    Downsample,
+    ResBlock,
+    SelfAttentionBlock,
+    Upsample,
+    fourier_embedding,
+    group_norm,
+    zeros_init,
+)
+
+Conditioning = Mapping[str, jax.Array]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name: str | Any) -> Any:
+    if isinstance(name, str):
+        if name not in DTYPES:
+            raise ValueError(f"Unknown compute dtype {name!r}; use one of {sorted(DTYPES)}.")
+        return DTYPES[name]
+    return name
+
+
+class UNet(nn.Module):
+    """Text-conditional UNet on NHWC images.
+
+    Attributes:
+      channels: base width; level i has channels * channel_mult[i].
+      num_res_blocks: an int, or one int per level (Imagen's efficient UNet puts more
+        blocks at low resolution and fewer at high).
+      attn_resolutions / cross_attn_resolutions: feature-map sizes (in pixels) that get
+        self-attention / cross-attention. The 1024 SR stage uses no self-attention.
+      lowres_cond: if True, `lowres` and `aug_level` must be given (SR stages).
+    """
+
+    out_channels: int = 3
+    channels: int = 64
+    channel_mult: Sequence[int] = (1, 2, 2)
+    num_res_blocks: int | Sequence[int] = 2
+    attn_resolutions: Sequence[int] = (16, 8)
+    cross_attn_resolutions: Sequence[int] = (16, 8)
+    num_heads: int = 4
+    context_dim: int = 128
+    emb_mult: int = 4
+    dropout: float = 0.0
+    dtype: Any = "float32"
+    remat: bool = False
+    lowres_cond: bool = False
+
+    def _blocks_per_level(self) -> list[int]:
+        if isinstance(self.num_res_blocks, int):
+            return [self.num_res_blocks] * len(self.channel_mult)
+        blocks = list(self.num_res_blocks)
+        if len(blocks) != len(self.channel_mult):
+            raise ValueError(
+                f"num_res_blocks has {len(blocks)} entries but channel_mult has {len(self.channel_mult)}; "
+                "give one count per level or a single int."
+            )
+        return blocks
+
+    def _context(self, cond: Conditioning, batch: int) -> tuple[jax.Array | None, jax.Array | None]:
+        """Projects the encoders' tokens into one context sequence: [T5 ; CLIP ; null]."""
+        tokens, masks = [], []
+        for name in ("t5", "clip"):
+            if name in cond:
+                chex.assert_rank(cond[name], 3)
+                tokens.append(nn.Dense(self.context_dim, dtype=self.compute_dtype, name=f"{name}_proj")(cond[name]))
+                masks.append(cond[f"{name}_mask"].astype(jnp.float32))
+        null = self.param("null_token", nn.initializers.normal(0.02), (1, 1, self.context_dim))
+        tokens.append(jnp.broadcast_to(null, (batch, 1, self.context_dim)).astype(self.compute_dtype))
+        masks.append(jnp.ones((batch, 1), jnp.float32))
+        context = nn.LayerNorm(dtype=jnp.float32, name="context_norm")(jnp.concatenate(tokens, axis=1))
+        return context, jnp.concatenate(masks, axis=1)
+
+    @property
+    def compute_dtype(self) -> Any:
+        return resolve_dtype(self.dtype)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        c_noise: jax.Array,
+        cond: Conditioning,
+        *,
+        lowres: jax.Array | None = None,
+        aug_level: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        batch, height, width, _ = x.shape
+        chex.assert_shape(c_noise, (batch,))
+        dtype = self.compute_dtype
+        emb_dim = self.channels * self.emb_mult
+
+        emb = fourier_embedding(c_noise, self.channels)
+        emb = nn.Dense(emb_dim, dtype=dtype, name="time_mlp_0")(emb)
+        emb = nn.Dense(emb_dim, dtype=dtype, name="time_mlp_1")(nn.silu(emb))
+        if "clip_pooled" in cond:
+            emb = emb + nn.Dense(emb_dim, dtype=dtype, name="pooled_proj")(cond["clip_pooled"])
+
+        if self.lowres_cond:
+            if lowres is None or aug_level is None:
+                raise ValueError("This UNet is a super-resolution stage: pass `lowres` and `aug_level`.")
+            chex.assert_shape(aug_level, (batch,))
+            up = jax.image.resize(lowres, (batch, height, width, lowres.shape[-1]), method="bilinear")
+            x = jnp.concatenate([x, up.astype(x.dtype)], axis=-1)
+            aug = nn.Dense(emb_dim, dtype=dtype, name="aug_mlp_0")(fourier_embedding(aug_level, self.channels))
+            emb = emb + nn.Dense(emb_dim, dtype=dtype, name="aug_mlp_1")(nn.silu(aug))
+        elif lowres is not None:
+            raise ValueError("`lowres` was given to a base (non-SR) UNet; set lowres_cond=True for SR stages.")
+
+        context, context_mask = self._context(cond, batch)
+        res_block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+
+        def attend(h: jax.Array, prefix: str) -> jax.Array:
+            res = h.shape[1]
+            if res in self.attn_resolutions:
+                h = SelfAttentionBlock(self.num_heads, dtype=dtype, name=f"{prefix}_self_attn")(h)
+            if res in self.cross_attn_resolutions:
+                h = CrossAttentionBlock(self.num_heads, dtype=dtype, name=f"{prefix}_cross_attn")(
+                    h, context, context_mask
+                )
+            return h
+
+        blocks = self._blocks_per_level()
+        h = nn.Conv(self.channels, (3, 3), dtype=dtype, name="conv_in")(x.astype(dtype))
+        skips = [h]
+        for level, mult in enumerate(self.channel_mult):
+            for i in range(blocks[level]):
+                h = res_block(self.channels * mult, self.dropout, dtype, name=f"down_{level}_{i}")(h, emb, train)
+                h = attend(h, f"down_{level}_{i}")
+                skips.append(h)
+            if level != len(self.channel_mult) - 1:
+                h = Downsample(dtype=dtype, name=f"downsample_{level}")(h)
+                skips.append(h)
+
+        mid_channels = self.channels * self.channel_mult[-1]
+        h = res_block(mid_channels, self.dropout, dtype, name="mid_0")(h, emb, train)
+        h = SelfAttentionBlock(self.num_heads, dtype=dtype, name="mid_self_attn")(h)
+        h = CrossAttentionBlock(self.num_heads, dtype=dtype, name="mid_cross_attn")(h, context, context_mask)
+        h = res_block(mid_channels, self.dropout, dtype, name="mid_1")(h, emb, train)
+
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            for i in range(blocks[level] + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = res_block(self.channels * mult, self.dropout, dtype, name=f"up_{level}_{i}")(h, emb, train)
+                h = attend(h, f"up_{level}_{i}")
+            if level != 0:
+                h = Upsample(dtype=dtype, name=f"upsample_{level}")(h)
+
+        h = nn.silu(group_norm(h.shape[-1], name="norm_out")(h))
+        out = nn.Conv(self.out_channels, (3, 3), dtype=dtype, kernel_init=zeros_init(), name="conv_out")(h)
+        out = out.astype(jnp.float32)
+        chex.assert_shape(out, (batch, height, width, self.out_channels))
+        return out

@@ -1,0 +1,129 @@
+"""Conditioning assembly: prompts -> the UNet's `cond` dict.
+
+The cond dict holds `t5` [B, Lt, Dt], `t5_mask` [B, Lt], `clip` [B, Lc, Dc],
+`clip_mask` [B, Lc] and `clip_pooled` [B, Dp]. Dropping an encoder (training dropout for
+classifier-free guidance, or "use / drop" at sampling to compare T5-only, CLIP-only and
+both, as eDiff-I does) zeroes its embeddings *and* its mask, so only the UNet's learned
+null token stays attendable: a dropped prompt then carries no information at all, not
+even its length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ediff_jax.text.loading import load_clip_text_encoder, load_t5_encoder, load_tokenizer, resolve_text_path
+
+Cond = dict[str, jax.Array]
+ENCODERS = ("t5", "clip")
+
+
+@dataclasses.dataclass
+class TextEncoders:
+    """Frozen T5 and CLIP encoders with their tokenizers; `params` is a jit-able pytree."""
+
+    t5_module: Any
+    clip_module: Any
+    params: dict[str, Any]
+    t5_tokenizer: Any
+    clip_tokenizer: Any
+    t5_max_length: int
+    clip_max_length: int
+
+    def tokenize(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Tokenizes for both encoders; prompts over the limit are truncated with a warning."""
+        prompts = [str(p) for p in prompts]
+        out = {}
+        for name, tok, max_len in (
+            ("t5", self.t5_tokenizer, self.t5_max_length),
+            ("clip", self.clip_tokenizer, self.clip_max_length),
+        ):
+            full = tok(prompts, padding=False, truncation=False)["input_ids"]
+            for prompt, ids in zip(prompts, full):
+                if len(ids) > max_len:
+                    logging.warning(
+                        "Prompt %r is %d %s tokens, over the limit of %d: it is truncated.",
+                        prompt, len(ids), name.upper(), max_len,
+                    )
+            enc = tok(prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
+            out[f"{name}_ids"] = enc["input_ids"].astype(np.int32)
+            out[f"{name}_mask"] = enc["attention_mask"].astype(np.int32)
+        return out
+
+    def encode(self, params: Mapping[str, Any], tokens: Mapping[str, jax.Array]) -> Cond:
+        """Runs both encoders (pure; jit it with `params` as an argument)."""
+        params = jax.lax.stop_gradient(params)
+        t5 = self.t5_module.apply({"params": params["t5"]}, tokens["t5_ids"], tokens["t5_mask"])
+        clip, pooled = self.clip_module.apply({"params": params["clip"]}, tokens["clip_ids"], tokens["clip_mask"])
+        return {
+            "t5": t5.astype(jnp.float32),
+            "t5_mask": tokens["t5_mask"].astype(jnp.float32),
+            "clip": clip.astype(jnp.float32),
+            "clip_mask": tokens["clip_mask"].astype(jnp.float32),
+            "clip_pooled": pooled.astype(jnp.float32),
+        }
+
+
+def load_text_encoders(text_config: Mapping[str, Any], dtype: Any = jnp.float32) -> TextEncoders:
+    """Loads encoders and tokenizers from `text_config.t5_path` / `clip_path`.
+
+    Paths are Hugging Face model directories or `builtin:NAME` for the shipped defaults.
+    """
+    t5_dir = resolve_text_path(text_config["t5_path"])
+    clip_dir = resolve_text_path(text_config["clip_path"])
+    t5_module, t5_params = load_t5_encoder(t5_dir, dtype=dtype)
+    clip_module, clip_params = load_clip_text_encoder(clip_dir, dtype=dtype)
+    return TextEncoders(
+        t5_module=t5_module,
+        clip_module=clip_module,
+        params={"t5": t5_params, "clip": clip_params},
+        t5_tokenizer=load_tokenizer(t5_dir),
+        clip_tokenizer=load_tokenizer(clip_dir),
+        t5_max_length=int(text_config["t5_max_length"]),
+        clip_max_length=int(text_config["clip_max_length"]),
+    )
+
+
+def _drop(cond: Cond, name: str, keep: jax.Array) -> Cond:
+    """Zeroes encoder `name` where keep == 0 (keep is [B] of 0/1)."""
+    cond = dict(cond)
+    k = keep.astype(jnp.float32)
+    cond[name] = cond[name] * k[:, None, None]
+    cond[f"{name}_mask"] = cond[f"{name}_mask"] * k[:, None]
+    if name == "clip":
+        cond["clip_pooled"] = cond["clip_pooled"] * k[:, None]
+    return cond
+
+
+def dropout_conditioning(rng: jax.Array, cond: Cond, drop_rates: Mapping[str, float]) -> Cond:
+    """Per-example, per-encoder dropout for training (eDiff-I: 0.25 for T5, 0.2 for CLIP).
+
+    Encoders are dropped independently, so the model also sees T5-only, CLIP-only and
+    fully unconditional examples.
+    """
+    batch = cond["t5"].shape[0]
+    for name, key in zip(ENCODERS, jax.random.split(rng, len(ENCODERS))):
+        rate = float(drop_rates.get(name, 0.0))
+        if rate > 0:
+            cond = _drop(cond, name, jax.random.bernoulli(key, 1.0 - rate, (batch,)))
+    return cond
+
+
+def select_encoders(cond: Cond, use_t5: bool = True, use_clip: bool = True) -> Cond:
+    """Sampling-time "use / drop" per encoder (for T5-only vs CLIP-only vs both)."""
+    batch = cond["t5"].shape[0]
+    for name, use in (("t5", use_t5), ("clip", use_clip)):
+        if not use:
+            cond = _drop(cond, name, jnp.zeros((batch,)))
+    return cond
+
+
+def unconditional(cond: Cond) -> Cond:
+    """The classifier-free-guidance unconditional branch: both encoders dropped."""
+    return select_encoders(cond, use_t5=False, use_clip=False)

@@ -1,0 +1,42 @@
+"""ediff-jax: eDiff-I (expert denoisers, paint-with-words) and MultiDiffusion in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.13",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "chex>=0.1.92,<0.2",
+    "ml-collections>=1.1,<1.2",
+    "tensorflow-cpu>=2.21,<2.22",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "transformers>=5.23,<6",  # tokenizers and configs only: the encoders are our own Flax code
+    "tokenizers>=0.23,<0.24",
+    "sentencepiece>=0.2.3,<0.3",
+    "safetensors>=0.8,<0.9",
+    "protobuf>=5",
+    "importlib_resources",  # tensorflow-datasets imports it without declaring it
+    "numpy>=2.0,<3",
+    "pillow>=11",
+    "tqdm>=4.66",
+    "absl-py>=2.1",
+    "tensorboard>=2.21,<2.22",
+]
+
+EXTRAS = {
+    # PyTorch (CPU) serves as the reference implementation in parity tests.
+    "test": ["pytest>=8", "torch==2.13.0"],
+}
+
+setup(
+    name="ediff-jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["ediff_jax", "ediff_jax.*"]),
+    package_data={"ediff_jax": ["assets/text/*/*"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
