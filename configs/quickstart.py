@@ -8,7 +8,7 @@ from ediff_jax.config_utils import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg, steps=1500, batch=16)
+    args = parse_arg(arg, steps=1200, batch=16)
     c = base_config()
     c.data.name = "ediff_shapes/32"
     c.data.image_size = 32
@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
     c.model.channel_mult = (1, 2, 2)
     c.model.num_res_blocks = 1
     c.model.attn_resolutions = (8,)
-    c.model.cross_attn_resolutions = (16, 8)
+    c.model.cross_attn_resolutions = (8,)
     c.model.num_heads = 2
     c.model.context_dim = 64
 

@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.image_size = 64
     c.data.shuffle_buffer = 10_000
+    # Read precomputed T5/CLIP embeddings (built once, beside the TFDS data) instead of
+    # running the encoders every step: `python -m ediff_jax.text.cache --config ...`.
+    c.data.text_cache = False
 
     c.text = ml_collections.ConfigDict()
     # Hugging Face model directories, or builtin:NAME for the shipped tiny defaults.
@@ -121,3 +124,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "Unknown config keys: " + ", ".join(unknown) + ". Check the spelling; the valid keys are those "
             "of ediff_jax/config_utils.py:base_config()."
         )
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/config.py[:arg]` as the CLI does (for notebooks and tests)."""
+    import importlib.util
+    from pathlib import Path
+
+    path, _, arg = spec.partition(":")
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise FileNotFoundError(f"Config file {path!r} not found.")
+    module_spec = importlib.util.spec_from_file_location(f"_ediff_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

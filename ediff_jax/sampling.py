@@ -7,6 +7,8 @@ recompile.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ediff_jax import edm
-from ediff_jax.images import to_uint8
+from ediff_jax.images import ensure_writable_dir, make_grid, save_png, to_uint8
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
 SAMPLERS = {"heun": edm.heun_sample, "euler": edm.euler_sample}
@@ -71,3 +73,59 @@ class Sampler:
         images = self._run(params, self.encoders.params, tokens, jax.random.PRNGKey(seed),
                            jnp.float32(guidance), use_t5=use_t5, use_clip=use_clip)
         return to_uint8(jax.device_get(images))
+
+
+def load_workdir(workdir: str | Path, devices: list | None = None) -> tuple[Any, Any, Any]:
+    """Config, experiment and EMA params of a trained workdir (latest checkpoint)."""
+    import ml_collections
+
+    from ediff_jax import trainer
+    from ediff_jax.checkpoints import Checkpointer, abstract_with_shardings
+
+    workdir = Path(workdir).expanduser()
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: --workdir must be a directory written by ediff_jax.train.")
+    ckpt = Checkpointer(workdir, async_save=False)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first.")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    exp = trainer.build_experiment(config, devices)
+    ckpt.check_compatible(trainer.model_meta(config))
+    abstract, shardings = trainer.state_shardings(exp)
+    state = ckpt.restore(abstract_with_shardings(abstract, shardings))
+    ckpt.close()
+    return config, exp, state.ema_params
+
+
+def sample_from_workdir(
+    workdir: str | Path,
+    prompts: Sequence[str],
+    *,
+    num: int = 4,
+    guidance: float | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    sampler: str | None = None,
+    out: str | Path | None = None,
+    use_t5: bool = True,
+    use_clip: bool = True,
+    progress: bool = True,
+) -> np.ndarray:
+    """Writes one PNG per image and `grid.png` (a row per prompt) to `out`; returns the images."""
+    if not prompts:
+        raise ValueError("Give at least one prompt.")
+    out = ensure_writable_dir(out or Path(workdir).expanduser() / "samples")  # before any heavy work
+    config, exp, ema_params = load_workdir(workdir)
+    sample = Sampler(exp.model, exp.encoders, image_size=int(config.data.image_size),
+                     steps=steps or int(config.sample.steps), sampler=sampler or config.sample.sampler,
+                     sigma_data=float(config.edm.sigma_data), progress=progress)
+    guidance = float(config.sample.guidance) if guidance is None else float(guidance)
+    images = sample(ema_params, [p for p in prompts for _ in range(num)], guidance=guidance, seed=seed,
+                    use_t5=use_t5, use_clip=use_clip)
+    upscale = max(1, 128 // images.shape[1])
+    for i, img in enumerate(images):
+        save_png(img, out / f"{i // num:02d}_{i % num:02d}.png", upscale=upscale)
+    save_png(make_grid(images, cols=num), out / "grid.png", upscale=upscale)
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return images

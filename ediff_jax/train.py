@@ -6,10 +6,15 @@ overridden with `--config.train.lr=3e-4`.
 
 from __future__ import annotations
 
-import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only our data loader: hide its C++ banners
+
 import sys
 
 from absl import app, flags
+
+from ediff_jax.logs import quiet_library_logs
 from ml_collections import config_flags
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.", required=True)
@@ -20,15 +25,27 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+    quiet_library_logs()
     from ediff_jax import trainer  # deferred so --help is fast
 
     try:
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FloatingPointError) as e:  # user-facing errors: message, not traceback
-        logging.error("%s", e)
         sys.exit(f"error: {e}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, with bad `--config.x=...` overrides reported in one line, not a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        detail: object = e
+        while isinstance(detail, BaseException) and detail.args:  # ml_collections nests KeyError in AttributeError
+            detail = detail.args[0]
+        sys.exit(f"error: invalid --config override ({' '.join(str(detail).split())}). See --helpfull for keys.")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -7,7 +7,6 @@ is importable from a notebook.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -22,12 +21,13 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from ediff_jax import edm, parallel
+from ediff_jax import edm, logs, parallel
 from ediff_jax.checkpoints import Checkpointer, abstract_with_shardings
 from ediff_jax.config_utils import validate_config
 from ediff_jax.images import ensure_writable_dir, make_grid, save_png
 from ediff_jax.metrics import MetricWriter
 from ediff_jax.models import build_model, check_image_size
+from ediff_jax.text.cache import load_or_build_cache
 from ediff_jax.text.conditioning import TextEncoders, dropout_conditioning, load_text_encoders
 
 
@@ -43,8 +43,15 @@ class TrainState:
 
 
 def make_optimizer(train_config: Mapping[str, Any]) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup to a constant rate, and global-norm gradient clipping."""
-    schedule = optax.linear_schedule(0.0, train_config["lr"], max(int(train_config["warmup_steps"]), 1))
+    """AdamW with linear warmup to a constant rate, and global-norm gradient clipping.
+
+    The rate at step t is lr * min(1, (t+1)/warmup): the first step already learns.
+    """
+    lr, warmup = float(train_config["lr"]), max(int(train_config["warmup_steps"]), 1)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        return lr * jnp.minimum(1.0, (step + 1.0) / warmup)
+
     tx = optax.chain(
         optax.clip_by_global_norm(train_config["grad_clip"]),
         optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=train_config["weight_decay"]),
@@ -142,7 +149,10 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Any, Mapping[str, 
         images = batch["image"]
         rng = jax.random.fold_in(state.rng, state.step)
         r_sigma, r_noise, r_drop, r_dropout = jax.random.split(rng, 4)
-        cond = encoders.encode(enc_params, {k: v for k, v in batch.items() if k != "image"})
+        if "t5" in batch:  # precomputed embeddings from the text cache
+            cond = {k: v for k, v in batch.items() if k != "image"}
+        else:
+            cond = encoders.encode(enc_params, {k: v for k, v in batch.items() if k != "image"})
         cond = dropout_conditioning(r_drop, cond, drop_rates)
         sigma = edm.sample_training_sigmas(r_sigma, (images.shape[0],), config.edm.p_mean, config.edm.p_std)
         noise = jax.random.normal(r_noise, images.shape, images.dtype)
@@ -182,7 +192,7 @@ def restore_or_init(exp: Experiment, ckpt: Checkpointer) -> tuple[TrainState, An
     ckpt.check_compatible(model_meta(exp.config))
     if ckpt.latest_step() is None:
         return init_train_state(exp)
-    logging.info("Resuming from %s step %d", ckpt.directory, ckpt.latest_step())
+    logs.info(f"Resuming from {ckpt.directory} at step {ckpt.latest_step()}")
     abstract, shardings = state_shardings(exp)
     return ckpt.restore(abstract_with_shardings(abstract, shardings)), shardings
 
@@ -200,6 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     pipeline.prepare(builder)
+    text_cache = load_or_build_cache(builder, exp.encoders, config.text) if config.data.text_cache else None
     start = int(state.step)
     process_count = jax.process_count()
     data = pipeline.make_train_iterator(
@@ -225,8 +236,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     t_last, step = time.perf_counter(), start
     for step in range(start + 1, num_steps + 1):
         batch = next(data)
-        tokens = exp.encoders.tokenize(list(batch["caption"]))
-        arrays = parallel.shard_batch({"image": batch["image"], **tokens}, exp.mesh)
+        captions = list(batch["caption"])
+        text = text_cache.lookup(captions) if text_cache else exp.encoders.tokenize(captions)
+        arrays = parallel.shard_batch({"image": batch["image"], **text}, exp.mesh)
         state, metrics = train_step(state, exp.encoders.params, arrays)
         history.append(metrics)
         bar.update(1)
@@ -270,4 +282,4 @@ def _write_grid(sampler: Any, state: TrainState, config: ml_collections.ConfigDi
     save_png(grid, path, upscale=max(1, 128 // images.shape[1]))
     (path.parent / (path.stem + "_prompts.txt")).write_text("\n".join(prompts) + "\n")
     writer.write_image(step, "samples", grid)
-    logging.info("Wrote sample grid %s", path)
+    logs.info(f"Wrote sample grid {path}")

@@ -84,9 +84,17 @@ def _shard_bounds(
     return start, end
 
 
+# tf.data only decodes small PNGs here; its default thread pools (one thread per core)
+# would compete with XLA's compute threads for the same cores and slow training down by
+# ~40% on a 2-core machine. Two private threads keep the input well ahead of the step.
+DATA_THREADS = 2
+
+
 def _options() -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True  # parallel map/interleave keep their input order
+    options.threading.private_threadpool_size = DATA_THREADS
+    options.threading.max_intra_op_parallelism = 1
     return options
 
 
@@ -212,3 +220,9 @@ def describe(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
         "image_shape": tuple(builder.info.features["image"].shape),
         "splits": {k: v.num_examples for k, v in builder.info.splits.items()},
     }
+
+
+def read_captions(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
+    """All captions of `split` in file order, without decoding images (for the text cache)."""
+    ds = _read_split(builder, split).map(lambda ex: ex["caption"])
+    return [c.decode("utf-8") for c in ds.as_numpy_iterator()]

@@ -1,0 +1,149 @@
+"""eDiff-I's ensemble of expert denoisers.
+
+E experts share one network definition; their parameters are stacked into one pytree with
+a leading expert axis. Expert k serves boundaries[k-1] <= sigma < boundaries[k] (expert 0
+is the lowest-noise expert), and a sampling step runs exactly one of them, chosen with
+`lax.switch` on sigma, so an ensemble costs no more per step than a single model.
+
+Experts are obtained by branching: a shared model is trained on all noise levels; then the
+training distribution p(sigma) (log-normal) is split into intervals of equal probability
+mass, each child is initialised from its parent and fine-tuned only on sigmas drawn from
+its interval (a truncated log-normal); recursively, as a binary tree. Intervals are given
+as quantiles of p(sigma), and boundaries in sigma are derived from them, so they are a
+function of the training distribution and are stored with the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import ndtr, ndtri
+
+Interval = tuple[float, float]  # (lo, hi) quantiles of p(sigma), 0 <= lo < hi <= 1
+
+
+def expert_index(sigma: jax.Array, boundaries: jax.Array) -> jax.Array:
+    """Index k with boundaries[k-1] <= sigma < boundaries[k] (ascending boundaries)."""
+    return jnp.searchsorted(jnp.asarray(boundaries), sigma, side="right").astype(jnp.int32)
+
+
+def validate_boundaries(boundaries: Any, num_experts: int) -> np.ndarray:
+    """Checks boundaries at the boundary of the API: E-1 values, strictly ascending, positive."""
+    b = np.asarray(boundaries, dtype=np.float64).reshape(-1)
+    if b.shape[0] != num_experts - 1:
+        raise ValueError(
+            f"{num_experts} stacked experts need {num_experts - 1} sigma boundaries, found {b.shape[0]}: {b.tolist()}."
+        )
+    if b.size and (np.any(np.diff(b) <= 0) or b[0] <= 0):
+        raise ValueError(f"Expert boundaries must be positive and strictly ascending; found {b.tolist()}.")
+    return b
+
+
+def stack_experts(params_list: Sequence[Any]) -> Any:
+    """[params_0, ..., params_{E-1}] -> one pytree with a leading expert axis of size E."""
+    if not params_list:
+        raise ValueError("stack_experts needs at least one parameter tree.")
+    structures = {jax.tree.structure(p) for p in params_list}
+    if len(structures) != 1:
+        raise ValueError("All experts must share one network definition (their parameter trees differ).")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *params_list)
+
+
+def num_experts(stacked: Any) -> int:
+    sizes = {x.shape[0] for x in jax.tree.leaves(stacked)}
+    if len(sizes) != 1:
+        raise ValueError(f"Stacked expert leaves disagree on the expert axis: sizes {sorted(sizes)}.")
+    return sizes.pop()
+
+
+def unstack_experts(stacked: Any) -> list[Any]:
+    return [jax.tree.map(lambda x, k=k: x[k], stacked) for k in range(num_experts(stacked))]
+
+
+def ensemble_denoiser(
+    apply_expert: Callable[..., jax.Array], stacked_params: Any, boundaries: Any
+) -> Callable[..., jax.Array]:
+    """A denoiser `fn(x, sigma, *args)` that runs exactly one expert per call.
+
+    `apply_expert(params, x, sigma, *args)` evaluates one expert (e.g. a preconditioned
+    UNet); sigma must be a scalar shared by the batch (as in the EDM samplers), which is
+    what makes a single `lax.switch` branch per step possible.
+    """
+    e = num_experts(stacked_params)
+    b = jnp.asarray(validate_boundaries(boundaries, e), jnp.float32)
+
+    def branch(k: int) -> Callable[..., jax.Array]:
+        def run(operands: tuple) -> jax.Array:
+            x, sigma, args = operands
+            return apply_expert(jax.tree.map(lambda p: p[k], stacked_params), x, sigma, *args)
+
+        return run
+
+    branches = [branch(k) for k in range(e)]
+
+    def denoise(x: jax.Array, sigma: jax.Array, *args: Any) -> jax.Array:
+        sigma = jnp.asarray(sigma)
+        chex.assert_rank(sigma, 0)
+        if e == 1:
+            return branches[0]((x, sigma, args))
+        return jax.lax.switch(expert_index(sigma, b), branches, (x, sigma, args))
+
+    return denoise
+
+
+# --- Intervals of the training distribution -------------------------------------------------
+
+
+def sigma_at_quantile(q: Any, p_mean: float, p_std: float) -> jax.Array:
+    """Inverse CDF of the log-normal training distribution p(sigma)."""
+    return jnp.exp(p_mean + p_std * ndtri(jnp.asarray(q, jnp.float32)))
+
+
+def boundaries_from_intervals(intervals: Sequence[Interval], p_mean: float, p_std: float) -> np.ndarray:
+    """Sigma boundaries between consecutive expert intervals (which must tile [0, 1])."""
+    validate_intervals(intervals)
+    return np.asarray(sigma_at_quantile(np.array([hi for _, hi in intervals[:-1]]), p_mean, p_std), np.float32)
+
+
+def validate_intervals(intervals: Sequence[Interval]) -> None:
+    if not intervals or intervals[0][0] != 0.0 or intervals[-1][1] != 1.0:
+        raise ValueError(f"Expert intervals must tile the quantile range [0, 1] in order; got {list(intervals)}.")
+    for (lo, hi), (lo2, _) in zip(intervals, list(intervals[1:]) + [(1.0, 1.0)]):
+        if not lo < hi or hi != lo2:
+            raise ValueError(f"Expert intervals must be ascending and contiguous; got {list(intervals)}.")
+
+
+def equal_mass_split(interval: Interval) -> list[Interval]:
+    """A branching step: one interval into two of equal probability mass."""
+    lo, hi = interval
+    mid = (lo + hi) / 2
+    return [(lo, mid), (mid, hi)]
+
+
+def parents_of(children: Sequence[Interval], parents: Sequence[Interval]) -> list[int]:
+    """For each child interval, the index of the parent interval that contains it."""
+    out = []
+    for lo, hi in children:
+        found = [i for i, (plo, phi) in enumerate(parents) if plo <= lo and hi <= phi]
+        if len(found) != 1:
+            raise ValueError(f"Child interval {(lo, hi)} is not inside exactly one parent of {list(parents)}.")
+        out.append(found[0])
+    return out
+
+
+def sample_interval_sigmas(rng: jax.Array, shape: Sequence[int], interval: Interval,
+                           p_mean: float, p_std: float) -> jax.Array:
+    """Log-normal sigmas truncated to a quantile interval (inverse-CDF sampling)."""
+    lo, hi = interval
+    u = jax.random.uniform(rng, shape, minval=lo, maxval=hi)
+    # Keep u strictly inside (0, 1): ndtri(0) = -inf.
+    u = jnp.clip(u, 1e-7, 1 - 1e-7)
+    return sigma_at_quantile(u, p_mean, p_std)
+
+
+def quantile_of_sigma(sigma: Any, p_mean: float, p_std: float) -> jax.Array:
+    return ndtr((jnp.log(sigma) - p_mean) / p_std)
