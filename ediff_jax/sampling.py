@@ -55,9 +55,9 @@ class Sampler:
         self.sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max)
         sample_fn = SAMPLERS[sampler]
 
-        def run(params: Any, enc_params: Any, tokens: Any, rng: jax.Array, guidance: jax.Array,
+        def run(params: Any, enc_params: Any, tokens: Any, extra_cond: Any, rng: jax.Array, guidance: jax.Array,
                 use_t5: bool, use_clip: bool) -> jax.Array:
-            cond = select_encoders(encoders.encode(enc_params, tokens), use_t5, use_clip)
+            cond = {**select_encoders(encoders.encode(enc_params, tokens), use_t5, use_clip), **extra_cond}
             model_fn = make_model_fn(model, params, sigma_data)
             denoise = edm.guided_denoiser(model_fn, cond, unconditional(cond), guidance)
             batch = tokens["t5_ids"].shape[0]
@@ -67,10 +67,15 @@ class Sampler:
         self._run = jax.jit(run, static_argnames=("use_t5", "use_clip"))
 
     def __call__(self, params: Any, prompts: Sequence[str], *, guidance: float = 3.0, seed: int = 0,
-                 use_t5: bool = True, use_clip: bool = True) -> np.ndarray:
-        """Samples one image per prompt; returns uint8 [N, H, W, 3]."""
+                 use_t5: bool = True, use_clip: bool = True, extra_cond: dict | None = None) -> np.ndarray:
+        """Samples one image per prompt; returns uint8 [N, H, W, 3].
+
+        `extra_cond` holds further conditioning arrays with leading batch axis N (e.g.
+        paint-with-words masks); they are runtime inputs, so new values do not recompile.
+        `unconditional()` decides what the guidance branch sees of them.
+        """
         tokens = self.encoders.tokenize(list(prompts))
-        images = self._run(params, self.encoders.params, tokens, jax.random.PRNGKey(seed),
+        images = self._run(params, self.encoders.params, tokens, dict(extra_cond or {}), jax.random.PRNGKey(seed),
                            jnp.float32(guidance), use_t5=use_t5, use_clip=use_clip)
         return to_uint8(jax.device_get(images))
 
