@@ -2,9 +2,11 @@
 
 Variants: `configs/base64.py:size=tiny` (tests, seconds), `size=small` (CPU hours),
 `size=paper` (eDiff-I's shape class for pods: ADM width 256, T5-XXL + CLIP-L/14).
+`experts=2` or `experts=3` trains eDiff-I's expert ensemble (shared -> branched phases of
+equal length); `experts=1` (default) a single model.
 """
 
-from ediff_jax.config_utils import base_config, parse_arg
+from ediff_jax.config_utils import base_config, expert_schedule, parse_arg
 
 SIZES = {
     "tiny": dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
@@ -17,7 +19,7 @@ SIZES = {
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg, size="small")
+    args = parse_arg(arg, size="small", experts=1)
     if args.size not in SIZES:
         raise ValueError(f"Unknown size {args.size!r}; choose one of {sorted(SIZES)}.")
     c = base_config()
@@ -36,4 +38,5 @@ def get_config(arg: str | None = None):
         c.text.t5_max_length = 128
         c.text.clip_max_length = 77
         c.train.batch_size = 2048
+    c.experts.phases, c.experts.phase_steps = expert_schedule(args.experts, c.train.num_steps)
     return c

@@ -16,6 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+# Metadata that legitimately changes during a run (e.g. the current expert phase).
+PROGRESS_KEYS = ("progress",)
+
+
 class CheckpointMismatchError(ValueError):
     """The workdir's checkpoint does not fit the model being built."""
 
@@ -48,7 +52,7 @@ class Checkpointer:
             return
         saved, wanted = _normalise(saved), _normalise(meta)
         diffs = []
-        for section in sorted(set(saved) | set(wanted)):
+        for section in sorted((set(saved) | set(wanted)) - set(PROGRESS_KEYS)):
             a, b = saved.get(section), wanted.get(section)
             if isinstance(a, dict) and isinstance(b, dict):
                 for key in sorted(set(a) | set(b)):

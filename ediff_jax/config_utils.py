@@ -68,6 +68,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.edm.p_mean = -1.2
     c.edm.p_std = 1.2
 
+    # eDiff-I expert ensemble. `phases` lists, per training phase, the experts' intervals
+    # as quantiles (lo, hi) of the training p(sigma); each interval must lie inside one
+    # interval of the previous phase (its parent, from which it is branched). Empty: a
+    # single model. `phase_steps` gives each phase's length and sums to train.num_steps.
+    c.experts = ml_collections.ConfigDict()
+    c.experts.phases = ()
+    c.experts.phase_steps = ()
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes
 
@@ -139,3 +147,28 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+# Binary-tree branching in quantiles of p(sigma): shared model, then two experts of equal
+# probability mass, then the high-noise half split again. The 3-expert layout is the paper's
+# final base-model shape: one expert for the highest noise, one for the lowest, one between.
+EXPERT_LAYOUTS = {
+    1: (),
+    2: (((0.0, 1.0),), ((0.0, 0.5), (0.5, 1.0))),
+    3: (((0.0, 1.0),), ((0.0, 0.5), (0.5, 1.0)), ((0.0, 0.5), (0.5, 0.75), (0.75, 1.0))),
+}
+
+
+def expert_schedule(num_experts: int, num_steps: int) -> tuple[tuple, tuple]:
+    """(phases, phase_steps) for `config.experts`, phases of equal length.
+
+    The total number of training steps (and so of training samples) does not depend on the
+    number of experts, which makes ablations across layouts fair.
+    """
+    if num_experts not in EXPERT_LAYOUTS:
+        raise ValueError(f"No expert layout for {num_experts} experts; choose one of {sorted(EXPERT_LAYOUTS)}.")
+    phases = EXPERT_LAYOUTS[num_experts]
+    if not phases:
+        return (), ()
+    base, extra = divmod(num_steps, len(phases))
+    return phases, tuple(base + (1 if i < extra else 0) for i in range(len(phases)))

@@ -16,20 +16,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ediff_jax import edm
+from ediff_jax import edm, experts
 from ediff_jax.images import ensure_writable_dir, make_grid, save_png, to_uint8
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
 SAMPLERS = {"heun": edm.heun_sample, "euler": edm.euler_sample}
 
 
-def make_model_fn(model: nn.Module, params: Any, sigma_data: float) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
-    """D(x; sigma, cond) for the EDM samplers and `edm.guided_denoiser`."""
+def make_model_fn(model: nn.Module, params: Any, sigma_data: float,
+                  boundaries: Any = None) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
+    """D(x; sigma, cond) for the EDM samplers and `edm.guided_denoiser`.
 
-    def net(xs: jax.Array, c_noise: jax.Array, cond: Any) -> jax.Array:
-        return model.apply({"params": params}, xs, c_noise, cond)
+    With `boundaries`, `params` are stacked experts and each call runs the one expert
+    whose sigma interval holds sigma (`experts.ensemble_denoiser`).
+    """
 
-    return edm.denoiser_from_network(net, sigma_data)
+    def single(p: Any) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
+        return edm.denoiser_from_network(lambda xs, c_noise, cond: model.apply({"params": p}, xs, c_noise, cond),
+                                         sigma_data)
+
+    if boundaries is None:
+        return single(params)
+    return experts.ensemble_denoiser(lambda p, x, sigma, cond: single(p)(x, sigma, cond), params, boundaries)
 
 
 class Sampler:
@@ -45,6 +53,7 @@ class Sampler:
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         progress: bool = False,
+        boundaries: Any = None,
     ):
         if sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}.")
@@ -58,7 +67,7 @@ class Sampler:
         def run(params: Any, enc_params: Any, tokens: Any, extra_cond: Any, rng: jax.Array, guidance: jax.Array,
                 use_t5: bool, use_clip: bool) -> jax.Array:
             cond = {**select_encoders(encoders.encode(enc_params, tokens), use_t5, use_clip), **extra_cond}
-            model_fn = make_model_fn(model, params, sigma_data)
+            model_fn = make_model_fn(model, params, sigma_data, boundaries)
             denoise = edm.guided_denoiser(model_fn, cond, unconditional(cond), guidance)
             batch = tokens["t5_ids"].shape[0]
             x = jax.random.normal(rng, (batch, image_size, image_size, 3)) * self.sigmas[0]
@@ -81,7 +90,11 @@ class Sampler:
 
 
 def load_workdir(workdir: str | Path, devices: list | None = None) -> tuple[Any, Any, Any]:
-    """Config, experiment and EMA params of a trained workdir (latest checkpoint)."""
+    """Config, experiment and EMA params of a trained workdir (latest checkpoint).
+
+    For an expert ensemble the params are stacked and `exp.boundaries` holds the sigma
+    boundaries stored with the checkpoint; pass both to `make_model_fn` / `Sampler`.
+    """
     import ml_collections
 
     from ediff_jax import trainer
@@ -96,10 +109,15 @@ def load_workdir(workdir: str | Path, devices: list | None = None) -> tuple[Any,
         raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first.")
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     exp = trainer.build_experiment(config, devices)
+    saved = ckpt.read_meta()
+    trainer.check_checkpoint_kind(saved, exp)
     ckpt.check_compatible(trainer.model_meta(config))
-    abstract, shardings = trainer.state_shardings(exp)
+    progress = saved.get("progress", {})
+    abstract, shardings = trainer.state_shardings(exp, int(progress.get("phase", 0)))
     state = ckpt.restore(abstract_with_shardings(abstract, shardings))
     ckpt.close()
+    if exp.phases:
+        exp.boundaries = np.asarray(progress["boundaries"], np.float32)
     return config, exp, state.ema_params
 
 
@@ -124,7 +142,7 @@ def sample_from_workdir(
     config, exp, ema_params = load_workdir(workdir)
     sample = Sampler(exp.model, exp.encoders, image_size=int(config.data.image_size),
                      steps=steps or int(config.sample.steps), sampler=sampler or config.sample.sampler,
-                     sigma_data=float(config.edm.sigma_data), progress=progress)
+                     sigma_data=float(config.edm.sigma_data), progress=progress, boundaries=exp.boundaries)
     guidance = float(config.sample.guidance) if guidance is None else float(guidance)
     images = sample(ema_params, [p for p in prompts for _ in range(num)], guidance=guidance, seed=seed,
                     use_t5=use_t5, use_clip=use_clip)

@@ -1,0 +1,176 @@
+"""Expert ensemble: selection by sigma, stacking, branching, vmapped training, checkpoints."""
+
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ediff_jax import edm, experts, trainer
+from ediff_jax.checkpoints import CheckpointMismatchError
+from ediff_jax.config_utils import expert_schedule, load_config
+from ediff_jax.sampling import load_workdir, make_model_fn
+
+REPO = Path(__file__).resolve().parents[1]
+BOUNDS = np.array([0.1, 1.0, 10.0], np.float32)
+
+
+def test_expert_index_at_boundaries():
+    """Expert k serves boundaries[k-1] <= sigma < boundaries[k]; expert 0 is the lowest noise."""
+    for k, b in enumerate(BOUNDS):
+        below, above = np.nextafter(b, np.float32(0)), b
+        assert int(experts.expert_index(jnp.float32(below), BOUNDS)) == k
+        assert int(experts.expert_index(jnp.float32(above), BOUNDS)) == k + 1
+    assert int(experts.expert_index(jnp.float32(0.002), BOUNDS)) == 0
+    assert int(experts.expert_index(jnp.float32(80.0), BOUNDS)) == 3
+
+
+def test_stack_unstack_round_trip():
+    trees = [{"w": jnp.full((2, 3), k), "b": {"c": jnp.arange(3) + k}} for k in range(3)]
+    stacked = experts.stack_experts(trees)
+    assert stacked["w"].shape == (3, 2, 3) and experts.num_experts(stacked) == 3
+    for a, b in zip(experts.unstack_experts(stacked), trees):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    with pytest.raises(ValueError, match="share one network"):
+        experts.stack_experts([trees[0], {"w": trees[1]["w"]}])
+
+
+def test_bad_boundaries_are_named():
+    stacked = experts.stack_experts([{"w": jnp.ones(2)}] * 3)
+    apply = lambda p, x, s: x * p["w"][0]
+    with pytest.raises(ValueError, match="3 stacked experts need 2 sigma boundaries, found 3"):
+        experts.ensemble_denoiser(apply, stacked, BOUNDS)
+    with pytest.raises(ValueError, match="strictly ascending"):
+        experts.ensemble_denoiser(apply, stacked, [1.0, 0.5])
+
+
+def test_each_expert_runs_exactly_on_its_steps():
+    """Over a Heun trajectory, expert k is called on exactly the sigmas inside its interval."""
+    calls = []
+    scales = jnp.array([0.5, 0.6, 0.7, 0.8])
+
+    def apply(p, x, sigma):
+        jax.debug.callback(lambda k, s: calls.append((int(k), float(s))), p["id"], sigma)
+        return x * p["scale"]
+
+    stacked = {"id": jnp.arange(4), "scale": scales}
+    denoise = experts.ensemble_denoiser(apply, stacked, BOUNDS)
+    sigmas = edm.karras_sigmas(12)
+    out = jax.jit(lambda x: edm.heun_sample(denoise, x, sigmas))(jnp.ones((2, 3)))
+    jax.block_until_ready(out)
+    s = np.asarray(sigmas)
+    evaluated = list(s[:-1]) + list(s[1:-1])  # first evaluation at every step; Heun correction unless to 0
+    assert len(calls) == len(evaluated)
+    for k, sigma in calls:
+        lo = BOUNDS[k - 1] if k > 0 else 0.0
+        hi = BOUNDS[k] if k < 3 else np.inf
+        assert lo <= sigma < hi
+    expected = np.bincount(np.searchsorted(BOUNDS, np.array(evaluated), side="right"), minlength=4)
+    np.testing.assert_array_equal(np.bincount([k for k, _ in calls], minlength=4), expected)
+
+
+@pytest.fixture(scope="module")
+def exp2(shapes_data_dir):
+    c = load_config(str(REPO / "configs/base64.py:size=tiny,experts=2"))
+    c.data.data_dir = shapes_data_dir
+    c.train.lr, c.train.warmup_steps = 2e-3, 1
+    return trainer.build_experiment(c)
+
+
+def test_identical_experts_equal_the_single_model(exp2):
+    model = exp2.model
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    tokens = exp2.encoders.tokenize(["a red circle", "a blue square"])
+    cond = exp2.encoders.encode(exp2.encoders.params, tokens)
+    params = jax.jit(model.init)(jax.random.key(1), x, jnp.zeros((2,)), cond)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
+    single = jax.jit(make_model_fn(model, params, 0.5))
+    ensemble = jax.jit(make_model_fn(model, experts.stack_experts([params] * 3), 0.5, boundaries=[0.5, 2.0]))
+    for sigma in (0.1, 1.0, 5.0):  # one sigma per expert
+        np.testing.assert_array_equal(ensemble(x, jnp.float32(sigma), cond), single(x, jnp.float32(sigma), cond))
+
+
+def test_branching_preserves_the_parent(exp2):
+    """Children start as exact copies of their parent: the ensemble equals the parent model."""
+    state, _ = trainer.init_train_state(exp2)
+    assert experts.num_experts(state.params) == 1
+    branched, _ = trainer.branch_state(exp2, state, 1)
+    assert experts.num_experts(branched.params) == 2
+    for child in experts.unstack_experts(branched.params) + experts.unstack_experts(branched.opt_state):
+        parent = experts.unstack_experts(state.params if "conv_in" in child else state.opt_state)[0]
+        jax.tree.map(np.testing.assert_array_equal, child, parent)
+
+
+def test_vmapped_update_equals_separate_expert_updates(exp2):
+    """The E-expert step is E independent single-expert updates (own clipping, own optimizer state).
+
+    Adam's first step is lr * sign(g), which float reordering (batched vs unbatched convs) can
+    flip where g ~ 0; so this compares under a clipped SGD, where clipping the global norm over
+    all experts (a coupling bug) would change every update.
+    """
+    import dataclasses
+
+    import optax
+
+    exp2 = dataclasses.replace(exp2, tx=optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0)))
+    state, _ = trainer.init_train_state(exp2)
+    state, _ = trainer.branch_state(exp2, state, 1)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), state.params)
+    e, n = 2, 2
+    images = jax.random.uniform(jax.random.key(4), (e, n, 32, 32, 3), minval=-1, maxval=1)
+    tokens = exp2.encoders.tokenize(["a red circle", "a blue square"] * 2)
+    cond = jax.tree.map(lambda x: x.reshape(e, n, *x.shape[1:]), exp2.encoders.encode(exp2.encoders.params, tokens))
+    sigma = jnp.array([[0.05, 0.3], [2.0, 40.0]])
+    noise = jax.random.normal(jax.random.key(5), images.shape)
+    rngs = jax.random.split(jax.random.key(6), e)
+    update = trainer.make_update(exp2)
+    args = (params, state.opt_state, state.ema_params, images, cond, sigma, noise, rngs)
+    vmapped = jax.jit(jax.vmap(update, in_axes=(0,) * 8 + (None,)))(*args, jnp.int32(3))
+    for k in range(e):
+        separate = jax.jit(update)(*jax.tree.map(lambda x: x[k], args), jnp.int32(3))
+        # Updates have global norm 1e-3; 1e-6 allows float reordering only.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[k], b, rtol=1e-4, atol=1e-6), vmapped, separate)
+
+
+def test_interval_sigmas_and_equal_mass_boundaries():
+    p_mean, p_std = -1.2, 1.2
+    (b,) = experts.boundaries_from_intervals([(0.0, 0.5), (0.5, 1.0)], p_mean, p_std)
+    np.testing.assert_allclose(b, np.exp(p_mean), rtol=1e-6)  # the median of the log-normal
+    s = edm.sample_training_sigmas(jax.random.key(0), (200_000,), p_mean, p_std)
+    bounds = experts.boundaries_from_intervals([(0, .5), (.5, .75), (.75, 1)], p_mean, p_std)
+    np.testing.assert_allclose(np.mean(np.asarray(s)[:, None] < bounds, axis=0), [0.5, 0.75], atol=0.01)
+    sig = experts.sample_interval_sigmas(jax.random.key(1), (5000,), (0.5, 0.75), p_mean, p_std)
+    assert float(sig.min()) >= bounds[0] * 0.9999 and float(sig.max()) <= bounds[1] * 1.0001
+
+
+def test_schedule_and_phase_validation():
+    phases, steps = expert_schedule(3, 10)
+    assert [len(p) for p in phases] == [1, 2, 3] and sum(steps) == 10
+    with pytest.raises(ValueError, match="not inside exactly one parent"):
+        experts.parents_of([(0.0, 0.6), (0.6, 1.0)], [(0.0, 0.5), (0.5, 1.0)])
+    with pytest.raises(ValueError, match="ascending and contiguous"):
+        experts.validate_intervals([(0.0, 0.5), (0.6, 1.0)])
+
+
+def test_phases_resume_across_boundary_and_ensemble_checkpoints(exp2, tmp_path):
+    """A run stopped at a phase boundary and resumed equals an uninterrupted run; an ensemble
+    checkpoint is refused by a single-model config with a message naming both."""
+    config = exp2.config.copy_and_resolve_references()
+    config.sample.steps = 2
+    full = trainer.train_and_evaluate(config, tmp_path / "full")
+    trainer.train_and_evaluate(config, tmp_path / "split", stop_after=2)
+    resumed = trainer.train_and_evaluate(config, tmp_path / "split")
+    assert experts.num_experts(full.params) == 2
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), full.params, resumed.params)
+
+    _, exp, ema = load_workdir(tmp_path / "full")
+    assert exp.boundaries.shape == (1,) and experts.num_experts(ema) == 2
+    np.testing.assert_allclose(exp.boundaries, np.exp(config.edm.p_mean), rtol=1e-5)
+
+    single = config.copy_and_resolve_references()
+    single.experts.phases, single.experts.phase_steps = (), ()
+    shutil.copytree(tmp_path / "full", tmp_path / "copy")
+    with pytest.raises(CheckpointMismatchError, match="holds an ensemble of 2 experts but the config describes a single"):
+        trainer.train_and_evaluate(single, tmp_path / "copy")
