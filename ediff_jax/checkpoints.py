@@ -52,7 +52,9 @@ class Checkpointer:
             return
         saved, wanted = _normalise(saved), _normalise(meta)
         diffs = []
-        for section in sorted((set(saved) | set(wanted)) - set(PROGRESS_KEYS)):
+        # A section missing from the saved metadata was added to the code after the
+        # checkpoint was written; its default (e.g. no experts) is what the old code did.
+        for section in sorted(set(saved) - set(PROGRESS_KEYS)):
             a, b = saved.get(section), wanted.get(section)
             if isinstance(a, dict) and isinstance(b, dict):
                 for key in sorted(set(a) | set(b)):

@@ -75,6 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.experts = ml_collections.ConfigDict()
     c.experts.phases = ()
     c.experts.phase_steps = ()
+    # How the per-expert update runs over the stacked expert axis: "vmap" (one batched
+    # program; grouped convolutions, fast on TPU/GPU), "scan" (lax.map, one expert after the
+    # other; XLA:CPU runs grouped convolutions slowly), or "auto" (scan on CPU, else vmap).
+    c.experts.train_map = "auto"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes
@@ -172,3 +176,24 @@ def expert_schedule(num_experts: int, num_steps: int) -> tuple[tuple, tuple]:
         return (), ()
     base, extra = divmod(num_steps, len(phases))
     return phases, tuple(base + (1 if i < extra else 0) for i in range(len(phases)))
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """A workdir's saved config.json, laid over today's defaults.
+
+    Keys added to the code after the workdir was written take their defaults, so old
+    workdirs keep loading; keys the code no longer knows are reported by validate_config.
+    """
+    import json
+
+    def merge(into: ml_collections.ConfigDict, saved: dict) -> None:
+        for key, value in saved.items():
+            if key in into and isinstance(into[key], ml_collections.ConfigDict) and isinstance(value, dict):
+                merge(into[key], value)
+            else:
+                with into.unlocked():
+                    into[key] = value
+
+    config = base_config()
+    merge(config, json.loads(text))
+    return config

@@ -7,7 +7,6 @@ recompile.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -95,9 +94,8 @@ def load_workdir(workdir: str | Path, devices: list | None = None) -> tuple[Any,
     For an expert ensemble the params are stacked and `exp.boundaries` holds the sigma
     boundaries stored with the checkpoint; pass both to `make_model_fn` / `Sampler`.
     """
-    import ml_collections
-
     from ediff_jax import trainer
+    from ediff_jax.config_utils import config_from_json
     from ediff_jax.checkpoints import Checkpointer, abstract_with_shardings
 
     workdir = Path(workdir).expanduser()
@@ -107,7 +105,7 @@ def load_workdir(workdir: str | Path, devices: list | None = None) -> tuple[Any,
     ckpt = Checkpointer(workdir, async_save=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first.")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = config_from_json(config_path.read_text())
     exp = trainer.build_experiment(config, devices)
     saved = ckpt.read_meta()
     trainer.check_checkpoint_kind(saved, exp)

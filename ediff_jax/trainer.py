@@ -241,19 +241,30 @@ def make_update(exp: Experiment) -> Callable[..., tuple]:
     return update
 
 
+def expert_train_map(config: ml_collections.ConfigDict) -> str:
+    mode = str(config.experts.train_map)
+    if mode not in ("auto", "vmap", "scan"):
+        raise ValueError(f"config.experts.train_map={mode!r}; use 'auto', 'vmap' or 'scan'.")
+    if mode == "auto":
+        return "scan" if jax.default_backend() == "cpu" else "vmap"
+    return mode
+
+
 def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
     """One EDM training step: encode (frozen), drop encoders, noise, weighted loss, AdamW, EMA.
 
     For an ensemble, the batch is split into equal shares, one per expert, each with sigmas
     drawn from that expert's interval, and the per-expert update is vmapped over the
-    stacked expert axis: all experts train at once, and independently (each has its own
-    gradient clipping and optimizer state, exactly as E separate runs would).
+    stacked expert axis (or `lax.map`ped, see `config.experts.train_map`): all experts train
+    in one compiled step, and independently (each has its own gradient clipping and
+    optimizer state, exactly as E separate runs would).
     """
     config, encoders = exp.config, exp.encoders
     p_mean, p_std = float(config.edm.p_mean), float(config.edm.p_std)
     drop_rates = config.text.drop_rates.to_dict()
     intervals = exp.phases[phase] if exp.phases else None
     update = make_update(exp)
+    train_map = expert_train_map(config)
 
     def step_fn(state: TrainState, enc_params: Any, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         images = batch["image"]
@@ -274,9 +285,13 @@ def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, An
             bounds = jnp.asarray(intervals, jnp.float32)
             sigma = jax.vmap(lambda k, lo, hi: experts.sample_interval_sigmas(
                 k, (images.shape[0] // e,), (lo, hi), p_mean, p_std))(jax.random.split(r_sigma, e), bounds[:, 0], bounds[:, 1])
-            params, opt_state, ema, loss, grad_norm = jax.vmap(update, in_axes=(0,) * 8 + (None,))(
-                *args, share(images), jax.tree.map(share, cond), sigma, share(noise),
-                jax.random.split(r_dropout, e), state.step)
+            per_expert = (*args, share(images), jax.tree.map(share, cond), sigma, share(noise),
+                          jax.random.split(r_dropout, e))
+            if train_map == "vmap":
+                out = jax.vmap(update, in_axes=(0,) * 8 + (None,))(*per_expert, state.step)
+            else:
+                out = jax.lax.map(lambda xs: update(*xs, state.step), per_expert)
+            params, opt_state, ema, loss, grad_norm = out
             metrics = {"loss": jnp.mean(loss), "grad_norm": jnp.sqrt(jnp.sum(grad_norm ** 2)),
                        **{f"loss/expert_{k}": loss[k] for k in range(e)}}
         metrics["lr"] = exp.schedule(state.step)

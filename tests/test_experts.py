@@ -174,3 +174,26 @@ def test_phases_resume_across_boundary_and_ensemble_checkpoints(exp2, tmp_path):
     shutil.copytree(tmp_path / "full", tmp_path / "copy")
     with pytest.raises(CheckpointMismatchError, match="holds an ensemble of 2 experts but the config describes a single"):
         trainer.train_and_evaluate(single, tmp_path / "copy")
+
+
+def test_vmap_and_scan_expert_steps_agree(exp2):
+    """`experts.train_map`: the vmapped step (accelerators) and the lax.map step (CPU) are the same math."""
+    import dataclasses
+
+    import optax
+
+    sgd = dataclasses.replace(exp2, tx=optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0)))
+    state, _ = trainer.init_train_state(sgd)
+    state, _ = trainer.branch_state(sgd, state, 1)
+    tokens = exp2.encoders.tokenize(["a red circle", "a blue square"] * 2)
+    batch = {"image": jax.random.uniform(jax.random.key(7), (4, 32, 32, 3), minval=-1, maxval=1), **tokens}
+    out = {}
+    for mode in ("vmap", "scan"):
+        cfg = exp2.config.copy_and_resolve_references()
+        cfg.experts.train_map = mode
+        exp = dataclasses.replace(sgd, config=cfg)
+        st = jax.tree.map(jnp.copy, state)
+        out[mode] = jax.jit(trainer.make_train_step(exp, 1))(st, exp.encoders.params, batch)
+    np.testing.assert_allclose(out["vmap"][1]["loss"], out["scan"][1]["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 out["vmap"][0].params, out["scan"][0].params)

@@ -41,22 +41,43 @@ def fourier_embedding(x: jax.Array, dim: int, min_freq: float = 0.5, max_freq: f
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
-def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, bias: jax.Array | None = None
-) -> jax.Array:
-    """Multi-head attention on [B, N, H, Dh] tensors, softmax in float32.
+BiasFn = Callable[[jax.Array], jax.Array]
 
-    `mask` [B, Nk] marks valid keys; `bias` (broadcastable to [B, H, Nq, Nk]) is added to
-    the unscaled scores QK^T before the 1/sqrt(d) scaling, as paint-with-words specifies.
+
+def attention_weights(
+    q: jax.Array, k: jax.Array, mask: jax.Array | None = None, bias: jax.Array | None = None,
+    bias_fn: BiasFn | None = None,
+) -> jax.Array:
+    """Softmax attention weights [B, H, Nq, Nk] (float32) of [B, N, H, Dh] queries and keys.
+
+    `mask` [B, Nk] marks valid keys. `bias` (broadcastable to [B, H, Nq, Nk]) and
+    `bias_fn(scores)` (called with the unscaled float32 scores QK^T, e.g. paint-with-words,
+    whose bias depends on max(QK^T)) are added to QK^T before the 1/sqrt(d) scaling.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    raw = scores
     if bias is not None:
         scores = scores + bias
+    if bias_fn is not None:
+        scores = scores + bias_fn(raw)
     scores = scores * scale
     if mask is not None:
         scores = jnp.where(mask[:, None, None, :] > 0, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, bias: jax.Array | None = None,
+    bias_fn: BiasFn | None = None,
+) -> jax.Array:
+    """Multi-head attention on [B, N, H, Dh] tensors, softmax in float32.
+
+    `mask` [B, Nk] marks valid keys; `bias` (broadcastable to [B, H, Nq, Nk]) and
+    `bias_fn(QK^T)` are added to the unscaled scores QK^T before the 1/sqrt(d) scaling,
+    as paint-with-words specifies (see `attention_weights`).
+    """
+    weights = attention_weights(q, k, mask, bias, bias_fn).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
@@ -101,21 +122,26 @@ class SelfAttentionBlock(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """Pre-norm cross-attention from pixels to the text context.
 
-    `bias`, broadcastable to [B, heads, H*W, L], is added to the unscaled logits; it is
-    the hook paint-with-words uses.
+    `bias` (broadcastable to [B, heads, H*W, L]) and `bias_fn(QK^T)` are added to the
+    unscaled logits; they are the hooks paint-with-words uses. The attention weights are
+    sown into the "intermediates" collection as `attn_weights` [B, heads, H*W, L] (a no-op
+    unless that collection is mutable), to inspect where each token attends.
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array, bias: jax.Array | None = None,
+                 bias_fn: BiasFn | None = None) -> jax.Array:
         b, h, w, c = x.shape
         head_dim = c // self.num_heads
         y = group_norm(c, name="norm")(x).astype(self.dtype).reshape(b, h * w, c)
         q = nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name="q")(y)
         kv = nn.DenseGeneral((2, self.num_heads, head_dim), dtype=self.dtype, name="kv")(context.astype(self.dtype))
-        out = attention(q, kv[:, :, 0], kv[:, :, 1], mask=context_mask, bias=bias)
+        weights = attention_weights(q, kv[:, :, 0], mask=context_mask, bias=bias, bias_fn=bias_fn)
+        self.sow("intermediates", "attn_weights", weights)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), kv[:, :, 1])
         out = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=zeros_init(), name="out")(out)
         return x + out.reshape(b, h, w, c)
 

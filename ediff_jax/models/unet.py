@@ -7,7 +7,11 @@ Conditioning, as in eDiff-I:
   projected to `context_dim`. The null token is always attendable, so a prompt with
   both encoders dropped (classifier-free guidance) still has a valid attention target;
 - for super-resolution: a low-resolution image upsampled and concatenated to the input,
-  plus an embedding of its noise-augmentation level.
+  plus an embedding of its noise-augmentation level;
+- paint-with-words (optional cond keys `pww_mask` [B, H, W, L] and `pww_weight` [B], see
+  `ediff_jax.paint_with_words`): every cross-attention layer adds
+  w' log(1 + sigma) max(QK^T) A to its logits, A being the mask pooled to that layer's
+  resolution. Without those keys the network is exactly the plain one (no parameters).
 
 The network is F in D(x; sigma) = c_skip x + c_out F(c_in x; c_noise): EDM's
 preconditioning lives in `ediff_jax.edm`, not here.
@@ -15,7 +19,8 @@ preconditioning lives in `ediff_jax.edm`, not here.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 import chex
 import flax.linen as nn
@@ -23,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ediff_jax.models.layers import (
+    BiasFn,
     CrossAttentionBlock,
     Downsample,
     ResBlock,
@@ -32,6 +38,8 @@ from ediff_jax.models.layers import (
     group_norm,
     zeros_init,
 )
+from ediff_jax.paint_with_words import MODES as PWW_MODES
+from ediff_jax.paint_with_words import pool_masks, pww_bias
 
 Conditioning = Mapping[str, jax.Array]
 
@@ -56,6 +64,7 @@ class UNet(nn.Module):
       attn_resolutions / cross_attn_resolutions: feature-map sizes (in pixels) that get
         self-attention / cross-attention. The 1024 SR stage uses no self-attention.
       lowres_cond: if True, `lowres` and `aug_level` must be given (SR stages).
+      pww_mode: paint-with-words statistic of QK^T scaling the bias, "max" (eDiff-I) or "std".
     """
 
     out_channels: int = 3
@@ -71,6 +80,7 @@ class UNet(nn.Module):
     dtype: Any = "float32"
     remat: bool = False
     lowres_cond: bool = False
+    pww_mode: str = "max"
 
     def _blocks_per_level(self) -> list[int]:
         if isinstance(self.num_res_blocks, int):
@@ -96,6 +106,44 @@ class UNet(nn.Module):
         masks.append(jnp.ones((batch, 1), jnp.float32))
         context = nn.LayerNorm(dtype=jnp.float32, name="context_norm")(jnp.concatenate(tokens, axis=1))
         return context, jnp.concatenate(masks, axis=1)
+
+    def _paint_with_words(
+        self, cond: Conditioning, c_noise: jax.Array, context_mask: jax.Array
+    ) -> Callable[[int, int], BiasFn] | None:
+        """Per cross-attention resolution (h, w), the paint-with-words bias_fn; None when unused.
+
+        sigma = exp(4 c_noise) per example (c_noise = log(sigma)/4, EDM). The statistic
+        max(QK^T) is per example, over valid (unmasked) keys only.
+        """
+        if "pww_mask" not in cond and "pww_weight" not in cond:
+            return None
+        if "pww_mask" not in cond or "pww_weight" not in cond:
+            raise ValueError(
+                "Paint-with-words needs both `pww_mask` and `pww_weight` in cond; build them with "
+                "ediff_jax.paint_with_words.pww_cond."
+            )
+        if self.pww_mode not in PWW_MODES:
+            raise ValueError(f"Unknown pww_mode {self.pww_mode!r}; choose one of {PWW_MODES}.")
+        batch, length = context_mask.shape
+        masks = jnp.asarray(cond["pww_mask"], jnp.float32)
+        weight = jnp.asarray(cond["pww_weight"], jnp.float32)
+        if masks.ndim != 4 or masks.shape[0] != batch or masks.shape[-1] != length:
+            raise ValueError(
+                f"pww_mask has shape {masks.shape}; expected [B={batch}, H, W, L={length}], L being the context "
+                "length (T5 max length + CLIP max length + 1 null token). Build it with "
+                "ediff_jax.paint_with_words.pww_cond from the model's own TextEncoders."
+            )
+        if weight.shape != (batch,):
+            raise ValueError(f"pww_weight has shape {weight.shape}; expected [B={batch}] (one w' per example).")
+        sigma = jnp.exp(4.0 * c_noise.astype(jnp.float32))
+        valid = context_mask[:, None, None, :] > 0
+
+        def at(h: int, w: int) -> BiasFn:
+            a = pool_masks(masks, (h, w)).reshape(batch, 1, h * w, length)
+            return functools.partial(pww_bias, token_masks=a, sigma=sigma, w_prime=weight, mode=self.pww_mode,
+                                     valid=valid, batch_dims=1)
+
+        return at
 
     @property
     def compute_dtype(self) -> Any:
@@ -135,6 +183,7 @@ class UNet(nn.Module):
             raise ValueError("`lowres` was given to a base (non-SR) UNet; set lowres_cond=True for SR stages.")
 
         context, context_mask = self._context(cond, batch)
+        pww = self._paint_with_words(cond, c_noise, context_mask)
         res_block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
 
         def attend(h: jax.Array, prefix: str) -> jax.Array:
@@ -143,7 +192,7 @@ class UNet(nn.Module):
                 h = SelfAttentionBlock(self.num_heads, dtype=dtype, name=f"{prefix}_self_attn")(h)
             if res in self.cross_attn_resolutions:
                 h = CrossAttentionBlock(self.num_heads, dtype=dtype, name=f"{prefix}_cross_attn")(
-                    h, context, context_mask
+                    h, context, context_mask, bias_fn=pww(h.shape[1], h.shape[2]) if pww else None
                 )
             return h
 
@@ -162,7 +211,9 @@ class UNet(nn.Module):
         mid_channels = self.channels * self.channel_mult[-1]
         h = res_block(mid_channels, self.dropout, dtype, name="mid_0")(h, emb, train)
         h = SelfAttentionBlock(self.num_heads, dtype=dtype, name="mid_self_attn")(h)
-        h = CrossAttentionBlock(self.num_heads, dtype=dtype, name="mid_cross_attn")(h, context, context_mask)
+        h = CrossAttentionBlock(self.num_heads, dtype=dtype, name="mid_cross_attn")(
+            h, context, context_mask, bias_fn=pww(h.shape[1], h.shape[2]) if pww else None
+        )
         h = res_block(mid_channels, self.dropout, dtype, name="mid_1")(h, emb, train)
 
         for level, mult in reversed(list(enumerate(self.channel_mult))):

@@ -91,13 +91,24 @@ def load_text_encoders(text_config: Mapping[str, Any], dtype: Any = jnp.float32)
 
 
 def _drop(cond: Cond, name: str, keep: jax.Array) -> Cond:
-    """Zeroes encoder `name` where keep == 0 (keep is [B] of 0/1)."""
+    """Zeroes encoder `name` where keep == 0 (keep is [B] of 0/1).
+
+    Paint-with-words masks (`pww_mask` [B, H, W, Lt + Lc + 1], context order
+    [T5 ; CLIP ; null]) lose that encoder's token slots too: a dropped encoder's tokens
+    are not attendable, so nothing may be painted on them.
+    """
     cond = dict(cond)
     k = keep.astype(jnp.float32)
     cond[name] = cond[name] * k[:, None, None]
     cond[f"{name}_mask"] = cond[f"{name}_mask"] * k[:, None]
     if name == "clip":
         cond["clip_pooled"] = cond["clip_pooled"] * k[:, None]
+    if "pww_mask" in cond:
+        lt = cond["t5"].shape[1] if "t5" in cond else 0
+        start, stop = (0, lt) if name == "t5" else (lt, lt + cond["clip"].shape[1])
+        slots = jnp.zeros(cond["pww_mask"].shape[-1], jnp.float32).at[start:stop].set(1.0)
+        drop = slots[None, :] * (1.0 - k[:, None])  # [B, L]: 1 where a dropped slot is
+        cond["pww_mask"] = cond["pww_mask"] * (1.0 - drop[:, None, None, :])
     return cond
 
 
@@ -125,5 +136,15 @@ def select_encoders(cond: Cond, use_t5: bool = True, use_clip: bool = True) -> C
 
 
 def unconditional(cond: Cond) -> Cond:
-    """The classifier-free-guidance unconditional branch: both encoders dropped."""
-    return select_encoders(cond, use_t5=False, use_clip=False)
+    """The classifier-free-guidance unconditional branch: both encoders dropped.
+
+    Paint-with-words is off there (`pww_weight` 0 and no painted text slot): eDiff-I
+    biases the conditional branch only. The keys stay, with the same shapes, because
+    guidance runs both branches as one batch.
+    """
+    cond = select_encoders(cond, use_t5=False, use_clip=False)
+    if "pww_weight" in cond:
+        cond["pww_weight"] = jnp.zeros_like(cond["pww_weight"])
+    if "pww_mask" in cond:
+        cond["pww_mask"] = jnp.zeros_like(cond["pww_mask"])
+    return cond

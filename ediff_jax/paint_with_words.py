@@ -1,0 +1,379 @@
+"""Paint-with-words (eDiff-I, Balaji et al. 2022, section 4.3): place objects by painting.
+
+The user paints a region per phrase of the prompt. Every cross-attention layer then adds
+w * A to its unscaled logits QK^T, where A[i, j] is the painted value of query pixel i for
+prompt token j, and
+
+    w = w' * log(1 + sigma) * max(QK^T)
+
+is large at high noise, where the layout forms, and fades as sigma -> 0, where details
+form; the max makes w' independent of the scale of Q and K. The attention is then
+softmax((QK^T + w A) / sqrt(d)).
+
+How it is wired:
+- `pww_cond` turns prompts and `{phrase: mask}` into two conditioning arrays, `pww_mask`
+  [N, H, W, L] (L = T5 length + CLIP length + 1, the UNet's context order
+  [T5 tokens ; CLIP tokens ; null token]) and `pww_weight` [N] (w'; 0 turns it off);
+  pass them as `Sampler(...)(..., extra_cond=...)`. They are runtime inputs of the
+  jitted sampler: a new painting or weight does not recompile.
+- The UNet (`ediff_jax.models.unet`) pools `pww_mask` to each cross-attention resolution
+  and gives every cross-attention layer a `bias_fn` built on `pww_bias`; sigma comes from
+  its c_noise input. Self-attention gets no bias.
+- `text.conditioning.unconditional` zeroes `pww_weight` and the masks, so the
+  classifier-free guidance branch is never biased.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ("max", "std")
+MaskLike = Union[str, os.PathLike, np.ndarray, Any]  # a PNG path, an array, or a PIL image
+Paint = Mapping[str, MaskLike]
+
+
+# ---------------------------------------------------------------------------------------
+# The bias (pure, jit-able)
+# ---------------------------------------------------------------------------------------
+
+
+def _per_example(value: Any, lead: tuple[int, ...], ndim: int, what: str) -> jax.Array:
+    """A scalar, or one value per example (shape `lead`), reshaped to broadcast over scores."""
+    value = jnp.asarray(value, jnp.float32)
+    if value.ndim == 0:
+        return value
+    if value.shape != lead:
+        raise ValueError(f"{what} must be a scalar or have shape {lead} (one value per example), got {value.shape}.")
+    return value.reshape(lead + (1,) * (ndim - len(lead)))
+
+
+def pww_bias(
+    scores: jax.Array,
+    token_masks: jax.Array,
+    sigma: Any,
+    w_prime: Any,
+    mode: str = "max",
+    *,
+    valid: jax.Array | None = None,
+    batch_dims: int | None = None,
+) -> jax.Array:
+    """Paint-with-words logit bias w' * log(1 + sigma) * stat(scores) * token_masks.
+
+    Args:
+      scores: unscaled logits QK^T, [..., Nq, Nk] (e.g. [B, heads, Nq, Nk]).
+      token_masks: A in [0, 1], [Nq, Nk] or broadcastable to `scores` (e.g. [B, 1, Nq, Nk]).
+      sigma, w_prime: scalars, or one value per example (shape `scores.shape[:batch_dims]`).
+      mode: "max" (eDiff-I: stat = max(QK^T)) or "std" (stat = std(QK^T), a variant that
+        is less sensitive to one outlier logit).
+      valid: optional boolean, broadcastable to `scores`; the statistic is taken over the
+        True entries only (the UNet passes its key mask, so padded tokens do not count).
+      batch_dims: number of leading axes that index examples. The statistic is reduced
+        over all other axes (all heads, queries and keys), i.e. per example: a batch mixes
+        examples (and, under guidance, conditional and unconditional branches), so one
+        example's logits must not set another's scale. Default: 1 for 4-D scores
+        [B, heads, Nq, Nk], else 0 (the whole tensor is one example).
+
+    Returns the bias, broadcast against the statistic's shape; add it to `scores`, then
+    scale by 1/sqrt(d) and softmax.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown paint-with-words mode {mode!r}; choose one of {MODES}.")
+    scores = jnp.asarray(scores, jnp.float32)
+    if scores.ndim < 2:
+        raise ValueError(f"scores must be [..., Nq, Nk], got shape {scores.shape}.")
+    if batch_dims is None:
+        batch_dims = 1 if scores.ndim == 4 else 0
+    if not 0 <= batch_dims <= scores.ndim - 2:
+        raise ValueError(f"batch_dims={batch_dims} leaves no [Nq, Nk] axes in scores of shape {scores.shape}.")
+    token_masks = jnp.asarray(token_masks, jnp.float32)
+    try:
+        out_shape = jnp.broadcast_shapes(scores.shape, token_masks.shape)
+    except ValueError:
+        out_shape = None
+    if out_shape != scores.shape:
+        raise ValueError(
+            f"token_masks of shape {token_masks.shape} do not broadcast to scores of shape {scores.shape}; "
+            "give [Nq, Nk] or [B, 1, Nq, Nk] masks."
+        )
+    lead = scores.shape[:batch_dims]
+    axes = tuple(range(batch_dims, scores.ndim))
+    ok = jnp.ones(scores.shape, bool) if valid is None else jnp.broadcast_to(jnp.asarray(valid, bool), scores.shape)
+    if mode == "max":
+        stat = jnp.max(jnp.where(ok, scores, -jnp.inf), axis=axes, keepdims=True)
+    else:
+        count = jnp.maximum(jnp.sum(ok, axis=axes, keepdims=True), 1).astype(jnp.float32)
+        mean = jnp.sum(jnp.where(ok, scores, 0.0), axis=axes, keepdims=True) / count
+        stat = jnp.sqrt(jnp.sum(jnp.where(ok, (scores - mean) ** 2, 0.0), axis=axes, keepdims=True) / count)
+    stat = jnp.where(jnp.isfinite(stat), stat, 0.0)  # no valid entry: no bias (and no 0 * inf = nan)
+    sigma = _per_example(sigma, lead, scores.ndim, "sigma")
+    w_prime = _per_example(w_prime, lead, scores.ndim, "w_prime")
+    return w_prime * jnp.log1p(sigma) * stat * token_masks
+
+
+def pool_masks(masks: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """[B, H, W, L] masks -> [B, h, w, L]: exact average pooling when h, w divide H, W
+    (always so for the UNet's power-of-two levels), else an antialiased linear resize."""
+    b, height, width, length = masks.shape
+    h, w = size
+    if (height, width) == (h, w):
+        return masks
+    if height % h == 0 and width % w == 0:
+        return masks.reshape(b, h, height // h, w, width // w, length).mean(axis=(2, 4))
+    return jax.image.resize(masks, (b, h, w, length), method="linear", antialias=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Masks: files or arrays -> [H, W] in [0, 1]
+# ---------------------------------------------------------------------------------------
+
+
+def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, (int, np.integer)):
+        return int(image_size), int(image_size)
+    h, w = (int(s) for s in image_size)
+    return h, w
+
+
+def _array_to_mask(arr: np.ndarray, what: str) -> np.ndarray:
+    """Validates and normalises an array to float32 [h, w] in [0, 1]."""
+    arr = np.asarray(arr)
+    if arr.dtype == bool:
+        out = arr.astype(np.float32)
+    elif arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    elif np.issubdtype(arr.dtype, np.number) and not np.iscomplexobj(arr):
+        out = arr.astype(np.float32)
+        if out.size and (not np.all(np.isfinite(out)) or out.min() < 0.0 or out.max() > 1.0):
+            raise ValueError(
+                f"The mask for {what} has values in [{out.min():g}, {out.max():g}]; masks must lie in [0, 1] "
+                "(or be uint8 0..255, or boolean)."
+            )
+    else:
+        raise ValueError(f"The mask for {what} has dtype {arr.dtype}; give a numeric or boolean array.")
+    if out.ndim == 3 and out.shape[-1] in (1, 3, 4):
+        if out.shape[-1] == 4 and np.ptp(out[..., 3]) > 0:
+            out = out[..., 3]  # an RGBA painting: the alpha channel is the stroke
+        else:
+            out = out[..., :3].mean(axis=-1)
+    if out.ndim != 2 or min(out.shape) == 0:
+        raise ValueError(
+            f"The mask for {what} has shape {arr.shape}; give a 2-D [height, width] array (or [h, w, 1|3|4]) "
+            "or a PNG path."
+        )
+    if not np.any(out > 0):
+        raise ValueError(f"The mask for {what} is empty (all zero): paint its region with non-zero (white) pixels.")
+    return np.ascontiguousarray(out, np.float32)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    if not path.exists():
+        raise FileNotFoundError(f"Mask file {str(path)!r} not found.")
+    try:
+        with Image.open(path) as img:
+            if "A" in img.getbands() or "transparency" in img.info:
+                return np.asarray(img.convert("RGBA"))
+            return np.asarray(img.convert("L"))
+    except OSError as e:  # not an image (PIL.UnidentifiedImageError), truncated file, ...
+        raise ValueError(f"Mask file {str(path)!r} could not be read as an image ({e}); give a PNG.") from None
+
+
+def load_mask(mask: MaskLike, size: int | Sequence[int] | None = None, what: str = "a phrase") -> np.ndarray:
+    """A painted region as float32 [H, W] in [0, 1], resized to `size` (None: as given).
+
+    Accepts a PNG/image path (grayscale brightness; for an image with a varying alpha
+    channel, the alpha), a PIL image, or an array (bool, uint8 0..255 or floats in
+    [0, 1]; [h, w] or [h, w, 1|3|4]). Any size and aspect: the mask is stretched to the
+    image (area averaging when shrinking, bilinear when enlarging). Empty masks are errors.
+    """
+    from PIL import Image
+
+    if isinstance(mask, (str, os.PathLike)):
+        arr = _read_png(Path(mask).expanduser())
+    elif isinstance(mask, Image.Image):
+        arr = np.asarray(mask.convert("RGBA") if "A" in mask.getbands() else mask.convert("L"))
+    else:
+        arr = np.asarray(mask)
+    out = _array_to_mask(arr, what)
+    if size is None:
+        return out
+    h, w = _size(size)
+    if out.shape != (h, w):
+        shrink = h <= out.shape[0] and w <= out.shape[1]
+        img = Image.fromarray(out, mode="F").resize((w, h), Image.BOX if shrink else Image.BILINEAR)
+        out = np.clip(np.asarray(img, np.float32), 0.0, 1.0)
+        if not np.any(out > 0):
+            raise ValueError(f"The mask for {what} vanished when resized to {h}x{w}: paint a larger region.")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Phrases -> token positions, masks -> per-token masks in the UNet's context order
+# ---------------------------------------------------------------------------------------
+
+
+def phrase_token_positions(tokenizer: Any, prompt: str, phrase: str, max_length: int, encoder: str = "") -> list[int]:
+    """Positions of `phrase`'s tokens in the prompt's token sequence, as the model sees it.
+
+    The phrase is tokenized alone (no special tokens) and searched for as a contiguous
+    subsequence of the prompt's tokens (padded/truncated to `max_length` exactly as
+    `TextEncoders.tokenize` does), so a repeated word is resolved by its neighbours:
+    in "a red circle and a red square", "red square" marks the second "red" only. A phrase
+    that occurs several times marks every occurrence (paint a longer phrase to pick one).
+    """
+    if not phrase.strip():
+        raise ValueError("An empty phrase cannot be painted; use a phrase of the prompt, e.g. 'red circle'.")
+    target = list(tokenizer(phrase, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"])
+    n = len(target)
+    starts = [i for i in range(len(ids) - n + 1) if ids[i:i + n] == target] if n else []
+    if not starts:
+        full = list(tokenizer(prompt, truncation=False)["input_ids"])
+        if n and any(full[i:i + n] == target for i in range(len(full) - n + 1)):
+            raise ValueError(
+                f"Phrase {phrase!r} lies beyond the {encoder} limit of {max_length} tokens in prompt {prompt!r}; "
+                "shorten the prompt or move the phrase forward."
+            )
+        pieces = tokenizer.convert_ids_to_tokens
+        raise ValueError(
+            f"Phrase {phrase!r} is not in the prompt {prompt!r}: its {encoder} tokens {pieces(target)} do not occur "
+            f"in the prompt's {pieces(ids)}. Paint a phrase copied word for word from the prompt."
+        )
+    return sorted({i + j for i in starts for j in range(n)})
+
+
+def context_length(encoders: Any) -> int:
+    """L of the UNet context [T5 tokens ; CLIP tokens ; null token]."""
+    return int(encoders.t5_max_length) + int(encoders.clip_max_length) + 1
+
+
+def token_masks(encoders: Any, prompt: str, paint: Paint, image_size: int | Sequence[int]) -> np.ndarray:
+    """Per-token masks [H, W, L] of one prompt, in the UNet's context order.
+
+    Slot j of the last axis is token j of the context [T5 (t5_max_length) ; CLIP
+    (clip_max_length) ; null]: each phrase's mask goes to the phrase's tokens in both
+    sequences (special, padding and null tokens stay 0; tokens of overlapping phrases take
+    the maximum). `image_size` is normally the image resolution; the UNet pools to every
+    cross-attention resolution, so for large images the largest cross-attention resolution
+    suffices and saves memory.
+    """
+    h, w = _size(image_size)
+    lt, lc = int(encoders.t5_max_length), int(encoders.clip_max_length)
+    out = np.zeros((h, w, lt + lc + 1), np.float32)
+    for phrase, mask in paint.items():
+        region = load_mask(mask, (h, w), what=repr(phrase))
+        for tokenizer, max_length, offset, name in (
+            (encoders.t5_tokenizer, lt, 0, "T5"),
+            (encoders.clip_tokenizer, lc, lt, "CLIP"),
+        ):
+            for pos in phrase_token_positions(tokenizer, prompt, phrase, max_length, name):
+                out[..., offset + pos] = np.maximum(out[..., offset + pos], region)
+    return out
+
+
+def pww_cond(
+    encoders: Any,
+    prompts: Sequence[str],
+    paint: Paint | Sequence[Paint],
+    image_size: int | Sequence[int],
+    weight: float | Sequence[float] = 0.4,
+) -> dict[str, np.ndarray]:
+    """`extra_cond` for `Sampler`: {"pww_mask": [N, H, W, L], "pww_weight": [N]} (float32).
+
+    `paint` is one `{phrase: mask}` for every prompt, or one per prompt (an empty mapping
+    leaves that prompt unpainted). `weight` is w', one for all or one per prompt.
+    """
+    prompts = [str(p) for p in prompts]
+    paints = [paint] * len(prompts) if isinstance(paint, Mapping) else list(paint)
+    if len(paints) != len(prompts):
+        raise ValueError(f"Got {len(paints)} paintings for {len(prompts)} prompts; give one mapping or one per prompt.")
+    weights = np.broadcast_to(np.asarray(weight, np.float32), (len(prompts),)).copy()
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError(f"pww weight w' must be finite and >= 0, got {weight}.")
+    cache: dict[tuple[str, int], np.ndarray] = {}
+    masks = []
+    for prompt, p in zip(prompts, paints):
+        key = (prompt, id(p))
+        if key not in cache:
+            cache[key] = token_masks(encoders, prompt, p, image_size)
+        masks.append(cache[key])
+    return {"pww_mask": np.stack(masks), "pww_weight": weights}
+
+
+# ---------------------------------------------------------------------------------------
+# CLI support
+# ---------------------------------------------------------------------------------------
+
+
+def parse_paint(items: Sequence[str] | None) -> dict[str, str]:
+    """["red circle=left.png", ...] -> {"red circle": "left.png"} (split at the first '=')."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        phrase, sep, path = item.partition("=")
+        phrase, path = phrase.strip(), path.strip()
+        if not sep or not phrase or not path:
+            raise ValueError(f"--paint {item!r} must look like 'PHRASE=MASK.png', e.g. --paint 'red circle=left.png'.")
+        if phrase in out:
+            raise ValueError(f"Phrase {phrase!r} is painted twice; give one mask per phrase.")
+        out[phrase] = path
+    return out
+
+
+def sample_with_paint(
+    workdir: str | os.PathLike,
+    prompts: Sequence[str],
+    paint: Paint,
+    *,
+    weight: float = 0.4,
+    num: int = 4,
+    guidance: float | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    sampler: str | None = None,
+    out: str | os.PathLike | None = None,
+    use_t5: bool = True,
+    use_clip: bool = True,
+    progress: bool = True,
+) -> np.ndarray:
+    """`sampling.sample_from_workdir` with paint-with-words; also writes `masks.png`.
+
+    The same painting applies to every prompt. Mask files are read (and checked) before
+    the model is loaded.
+    """
+    from ediff_jax.images import ensure_writable_dir, make_grid, save_png
+    from ediff_jax.sampling import Sampler, load_workdir
+
+    if not prompts:
+        raise ValueError("Give at least one prompt.")
+    if not paint:
+        raise ValueError("Paint at least one phrase, e.g. --paint 'red circle=left.png'.")
+    out = ensure_writable_dir(out or Path(workdir).expanduser() / "samples")
+    raw = {phrase: load_mask(mask, None, what=repr(phrase)) for phrase, mask in paint.items()}
+    config, exp, ema_params = load_workdir(workdir)
+    size = int(config.data.image_size)
+    extra = pww_cond(exp.encoders, [p for p in prompts for _ in range(num)], raw, size, weight)
+    kwargs = {"boundaries": exp.boundaries} if getattr(exp, "boundaries", None) is not None else {}
+    sample = Sampler(exp.model, exp.encoders, image_size=size, steps=steps or int(config.sample.steps),
+                     sampler=sampler or config.sample.sampler, sigma_data=float(config.edm.sigma_data),
+                     progress=progress, **kwargs)
+    guidance = float(config.sample.guidance) if guidance is None else float(guidance)
+    images = sample(ema_params, [p for p in prompts for _ in range(num)], guidance=guidance, seed=seed,
+                    use_t5=use_t5, use_clip=use_clip, extra_cond=extra)
+    upscale = max(1, 128 // images.shape[1])
+    for i, img in enumerate(images):
+        save_png(img, out / f"{i // num:02d}_{i % num:02d}.png", upscale=upscale)
+    save_png(make_grid(images, cols=num), out / "grid.png", upscale=upscale)
+    regions = np.stack([load_mask(m, size) for m in raw.values()])
+    save_png(make_grid(np.repeat(np.round(regions * 255).astype(np.uint8)[..., None], 3, -1)), out / "masks.png",
+             upscale=upscale)
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (out / "paint.txt").write_text("".join(f"{phrase}={mask if isinstance(mask, (str, os.PathLike)) else '<array>'}\n"
+                                           for phrase, mask in paint.items()) + f"pww_weight={weight}\n")
+    return images
