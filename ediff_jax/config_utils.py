@@ -76,9 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.experts.phases = ()
     c.experts.phase_steps = ()
     # How the per-expert update runs over the stacked expert axis: "vmap" (one batched
-    # program; grouped convolutions, fast on TPU/GPU), "scan" (lax.map, one expert after the
-    # other; XLA:CPU runs grouped convolutions slowly), or "auto" (scan on CPU, else vmap).
-    c.experts.train_map = "auto"
+    # program, the design) or "scan" (lax.map, one expert after the other). On XLA:CPU the
+    # scan measured ~10x slower than vmap (BENCHMARKS.md), so vmap is the default.
+    c.experts.train_map = "vmap"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes

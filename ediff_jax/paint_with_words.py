@@ -348,7 +348,7 @@ def sample_with_paint(
     the model is loaded.
     """
     from ediff_jax.images import ensure_writable_dir, make_grid, save_png
-    from ediff_jax.sampling import Sampler, load_workdir
+    from ediff_jax.sampling import sample_from_workdir
 
     if not prompts:
         raise ValueError("Give at least one prompt.")
@@ -356,24 +356,16 @@ def sample_with_paint(
         raise ValueError("Paint at least one phrase, e.g. --paint 'red circle=left.png'.")
     out = ensure_writable_dir(out or Path(workdir).expanduser() / "samples")
     raw = {phrase: load_mask(mask, None, what=repr(phrase)) for phrase, mask in paint.items()}
-    config, exp, ema_params = load_workdir(workdir)
-    size = int(config.data.image_size)
-    extra = pww_cond(exp.encoders, [p for p in prompts for _ in range(num)], raw, size, weight)
-    kwargs = {"boundaries": exp.boundaries} if getattr(exp, "boundaries", None) is not None else {}
-    sample = Sampler(exp.model, exp.encoders, image_size=size, steps=steps or int(config.sample.steps),
-                     sampler=sampler or config.sample.sampler, sigma_data=float(config.edm.sigma_data),
-                     progress=progress, **kwargs)
-    guidance = float(config.sample.guidance) if guidance is None else float(guidance)
-    images = sample(ema_params, [p for p in prompts for _ in range(num)], guidance=guidance, seed=seed,
-                    use_t5=use_t5, use_clip=use_clip, extra_cond=extra)
-    upscale = max(1, 128 // images.shape[1])
-    for i, img in enumerate(images):
-        save_png(img, out / f"{i // num:02d}_{i % num:02d}.png", upscale=upscale)
-    save_png(make_grid(images, cols=num), out / "grid.png", upscale=upscale)
-    regions = np.stack([load_mask(m, size) for m in raw.values()])
+
+    def painted(exp: Any, expanded: list[str]) -> dict:
+        return pww_cond(exp.encoders, expanded, raw, exp.image_shape[0], weight)
+
+    images = sample_from_workdir(workdir, prompts, num=num, guidance=guidance, steps=steps, seed=seed,
+                                 sampler=sampler, out=out, use_t5=use_t5, use_clip=use_clip, progress=progress,
+                                 extra_cond_fn=painted)
+    regions = np.stack([load_mask(m, images.shape[1]) for m in raw.values()])
     save_png(make_grid(np.repeat(np.round(regions * 255).astype(np.uint8)[..., None], 3, -1)), out / "masks.png",
-             upscale=upscale)
-    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+             upscale=max(1, 128 // images.shape[1]))
     (out / "paint.txt").write_text("".join(f"{phrase}={mask if isinstance(mask, (str, os.PathLike)) else '<array>'}\n"
                                            for phrase, mask in paint.items()) + f"pww_weight={weight}\n")
     return images

@@ -3,6 +3,9 @@
   python -m ediff_jax.sample --workdir DIR --prompt "a red circle" [--num 4 --guidance 3 --steps 32 --seed 0 --out DIR]
 
 Writes one PNG per image and a grid (a row per prompt) into --out (default DIR/samples).
+
+Paint-with-words: `--paint "red circle=left.png" --paint "blue square=right.png" --pww-weight 0.4`
+places each phrase of the prompt in its painted (white) region; masks are PNGs of any size.
 """
 
 from __future__ import annotations
@@ -27,6 +30,18 @@ flags.DEFINE_string("sampler", None, "heun or euler (default: the config's).")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/samples).")
 flags.DEFINE_bool("use_t5", True, "Condition on T5 (False: CLIP only).")
 flags.DEFINE_bool("use_clip", True, "Condition on CLIP (False: T5 only).")
+flags.DEFINE_multi_string("paint", None, "Paint-with-words: 'PHRASE=MASK.png' (PNG of any size, white = the "
+                          "phrase's region), for every prompt; repeat the flag per phrase.")
+flags.DEFINE_float("pww_weight", 0.4, "Paint-with-words strength w' (0: off). Also spelled --pww-weight.")
+flags.DEFINE_integer("height", None, "MultiDiffusion canvas height (default: the model's image size).")
+flags.DEFINE_integer("width", None, "MultiDiffusion canvas width (default: the model's image size).")
+flags.DEFINE_integer("stride", None, "MultiDiffusion stride between crops (default: a quarter of the model's size).")
+flags.DEFINE_bool("circular", False, "MultiDiffusion: wrap the width around (360-degree panorama).")
+flags.DEFINE_multi_string("region", None, "MultiDiffusion region 'PROMPT=MASK.png' (mask at canvas size, white = "
+                          "inside); --prompt is the background. Repeat per region.")
+flags.DEFINE_integer("chunk_size", None, "MultiDiffusion crops per batched model call (default: all; fewer: less "
+                     "memory).")
+flags.DEFINE_float("bootstrap", 0.2, "MultiDiffusion: fraction of steps with region bootstrapping.")
 FLAGS = flags.FLAGS
 
 
@@ -44,6 +59,36 @@ def run() -> None:
     from ediff_jax.sampling import sample_from_workdir  # deferred so --help is fast
 
     out = FLAGS.out or f"{FLAGS.workdir}/samples"
+    if FLAGS.height is not None or FLAGS.width is not None or FLAGS.region or FLAGS.circular:  # MultiDiffusion
+        from ediff_jax.multidiffusion import parse_region, sample_canvas_from_workdir
+
+        if FLAGS.paint:
+            raise ValueError("--paint does not combine with a MultiDiffusion canvas (--height/--width/--region/"
+                             "--circular) yet; drop one of them.")
+        images = sample_canvas_from_workdir(
+            FLAGS.workdir, FLAGS.prompt, height=FLAGS.height, width=FLAGS.width, stride=FLAGS.stride,
+            circular=FLAGS.circular, regions=[parse_region(r) for r in FLAGS.region or []], num=FLAGS.num,
+            guidance=FLAGS.guidance, steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler, out=out,
+            use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, chunk_size=FLAGS.chunk_size,
+            bootstrap_fraction=FLAGS.bootstrap,
+        )
+        print(f"Wrote {len(images)} canvases and grid.png to {out}.")
+        return
+    if FLAGS.stride is not None or FLAGS.chunk_size is not None or FLAGS["bootstrap"].present:
+        raise ValueError("--stride, --chunk_size and --bootstrap set up a MultiDiffusion canvas; add --height/--width "
+                         "(or --region/--circular).")
+    if FLAGS.paint:
+        from ediff_jax.paint_with_words import parse_paint, sample_with_paint
+
+        images = sample_with_paint(
+            FLAGS.workdir, FLAGS.prompt, parse_paint(FLAGS.paint), weight=FLAGS.pww_weight, num=FLAGS.num,
+            guidance=FLAGS.guidance, steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler, out=out,
+            use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip,
+        )
+        print(f"Wrote {len(images)} painted images, grid.png and masks.png to {out}.")
+        return
+    if FLAGS["pww_weight"].present:
+        raise ValueError("--pww_weight needs --paint 'PHRASE=MASK.png' (it sets the strength of the painting).")
     images = sample_from_workdir(
         FLAGS.workdir, FLAGS.prompt, num=FLAGS.num, guidance=FLAGS.guidance, steps=FLAGS.steps, seed=FLAGS.seed,
         sampler=FLAGS.sampler, out=out, use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip,
@@ -51,5 +96,18 @@ def run() -> None:
     print(f"Wrote {len(images)} images and grid.png to {out}.")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing that also accepts hyphenated names of defined flags (--pww-weight)."""
+
+    def normalise(arg: str) -> str:
+        name, sep, value = arg[2:].partition("=")
+        alt = name.replace("-", "_")
+        known = alt in FLAGS or (alt.startswith("no") and alt[2:] in FLAGS)
+        return f"--{alt}{sep}{value}" if arg.startswith("--") and "-" in name and known else arg
+
+    end = argv.index("--") if "--" in argv else len(argv)
+    return FLAGS(argv[:1] + [normalise(a) for a in argv[1:end]] + argv[end:])
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -132,8 +132,13 @@ def sample_from_workdir(
     use_t5: bool = True,
     use_clip: bool = True,
     progress: bool = True,
+    extra_cond_fn: Callable[[Any, list[str]], dict] | None = None,
 ) -> np.ndarray:
-    """Writes one PNG per image and `grid.png` (a row per prompt) to `out`; returns the images."""
+    """Writes one PNG per image and `grid.png` (a row per prompt) to `out`; returns the images.
+
+    `extra_cond_fn(exp, prompts)` may add conditioning arrays for the expanded prompt list
+    (e.g. paint-with-words masks, see `Sampler.__call__`).
+    """
     if not prompts:
         raise ValueError("Give at least one prompt.")
     out = ensure_writable_dir(out or Path(workdir).expanduser() / "samples")  # before any heavy work
@@ -142,8 +147,10 @@ def sample_from_workdir(
                      steps=steps or int(config.sample.steps), sampler=sampler or config.sample.sampler,
                      sigma_data=float(config.edm.sigma_data), progress=progress, boundaries=exp.boundaries)
     guidance = float(config.sample.guidance) if guidance is None else float(guidance)
-    images = sample(ema_params, [p for p in prompts for _ in range(num)], guidance=guidance, seed=seed,
-                    use_t5=use_t5, use_clip=use_clip)
+    expanded = [p for p in prompts for _ in range(num)]
+    extra = extra_cond_fn(exp, expanded) if extra_cond_fn else None
+    images = sample(ema_params, expanded, guidance=guidance, seed=seed, use_t5=use_t5, use_clip=use_clip,
+                    extra_cond=extra)
     upscale = max(1, 128 // images.shape[1])
     for i, img in enumerate(images):
         save_png(img, out / f"{i // num:02d}_{i % num:02d}.png", upscale=upscale)

@@ -243,10 +243,8 @@ def make_update(exp: Experiment) -> Callable[..., tuple]:
 
 def expert_train_map(config: ml_collections.ConfigDict) -> str:
     mode = str(config.experts.train_map)
-    if mode not in ("auto", "vmap", "scan"):
-        raise ValueError(f"config.experts.train_map={mode!r}; use 'auto', 'vmap' or 'scan'.")
-    if mode == "auto":
-        return "scan" if jax.default_backend() == "cpu" else "vmap"
+    if mode not in ("vmap", "scan"):
+        raise ValueError(f"config.experts.train_map={mode!r}; use 'vmap' or 'scan'.")
     return mode
 
 

@@ -196,3 +196,16 @@ def test_cached_embeddings_give_the_same_step(exp, fixed_batch):
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  with_tokens.params, with_cache.params)
+
+
+def test_sample_with_paint_from_workdir(trained_workdir, tmp_path):
+    """Paint-with-words through the workdir path: images, grid and the painted masks are written."""
+    from ediff_jax.paint_with_words import sample_with_paint
+
+    left = np.zeros((50, 70), np.float32)
+    left[:, :35] = 1.0
+    images = sample_with_paint(trained_workdir, ["a red circle and a blue square"], {"red circle": left},
+                               weight=0.4, num=2, steps=2, progress=False, out=tmp_path / "out")
+    assert images.shape == (2, 32, 32, 3)
+    for name in ("grid.png", "masks.png", "paint.txt", "prompts.txt"):
+        assert (tmp_path / "out" / name).exists(), name

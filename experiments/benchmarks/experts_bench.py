@@ -96,7 +96,7 @@ def main() -> None:
     s1 = train_bench(exp1, 0, args.train_batch, args.repeats * 4)
     s3 = train_bench(exp3, 2, args.train_batch, args.repeats * 4)
     scan_cfg = base.copy_and_resolve_references()
-    scan_cfg.experts.train_map = "scan" if base.experts.train_map != "scan" else "vmap"
+    scan_cfg.experts.train_map = "scan" if args.train_map == "vmap" else "vmap"
     exp3_other = trainer.build_experiment(scan_cfg)
     s3_other = train_bench(exp3_other, 2, args.train_batch, args.repeats * 4)
     mode, other = trainer.expert_train_map(base), trainer.expert_train_map(scan_cfg)
