@@ -154,28 +154,40 @@ def test_schedule_and_phase_validation():
         experts.validate_intervals([(0.0, 0.5), (0.6, 1.0)])
 
 
-def test_phases_resume_across_boundary_and_ensemble_checkpoints(exp2, tmp_path):
-    """A run stopped at a phase boundary and resumed equals an uninterrupted run; an ensemble
-    checkpoint is refused by a single-model config with a message naming both."""
+@pytest.fixture(scope="module")
+def ensemble_workdir(exp2, tmp_path_factory):
+    """One uninterrupted 2-phase run (shared, then 2 experts), shared by the tests below."""
     config = exp2.config.copy_and_resolve_references()
     config.sample.steps = 2
-    full = trainer.train_and_evaluate(config, tmp_path / "full")
-    trainer.train_and_evaluate(config, tmp_path / "split", stop_after=2)
-    resumed = trainer.train_and_evaluate(config, tmp_path / "split")
-    assert experts.num_experts(full.params) == 2
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), full.params, resumed.params)
+    workdir = tmp_path_factory.mktemp("ensemble") / "full"
+    state = trainer.train_and_evaluate(config, workdir)
+    return config, workdir, state
 
-    _, exp, ema = load_workdir(tmp_path / "full")
+
+def test_ensemble_checkpoint_carries_boundaries_and_is_refused_by_single_config(ensemble_workdir, tmp_path):
+    config, workdir, state = ensemble_workdir
+    assert experts.num_experts(state.params) == 2
+    _, exp, ema = load_workdir(workdir)
     assert exp.boundaries.shape == (1,) and experts.num_experts(ema) == 2
-    np.testing.assert_allclose(exp.boundaries, np.exp(config.edm.p_mean), rtol=1e-5)
+    np.testing.assert_allclose(exp.boundaries, np.exp(config.edm.p_mean), rtol=1e-5)  # median of p(sigma)
 
     single = config.copy_and_resolve_references()
     single.experts.phases, single.experts.phase_steps = (), ()
-    shutil.copytree(tmp_path / "full", tmp_path / "copy")
+    shutil.copytree(workdir, tmp_path / "copy")
     with pytest.raises(CheckpointMismatchError, match="holds an ensemble of 2 experts but the config describes a single"):
         trainer.train_and_evaluate(single, tmp_path / "copy")
 
 
+@pytest.mark.slow
+def test_run_stopped_at_phase_boundary_resumes_exactly(ensemble_workdir, tmp_path):
+    """Stopped at the end of the shared phase and resumed, a run equals the uninterrupted one."""
+    config, _, full = ensemble_workdir
+    trainer.train_and_evaluate(config, tmp_path / "split", stop_after=2)
+    resumed = trainer.train_and_evaluate(config, tmp_path / "split")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), full.params, resumed.params)
+
+
+@pytest.mark.slow
 def test_vmap_and_scan_expert_steps_agree(exp2):
     """`experts.train_map`: the vmapped step (accelerators) and the lax.map step (CPU) are the same math."""
     import dataclasses

@@ -189,10 +189,11 @@ def test_cli_reports_bad_config_key_without_traceback(tmp_path):
 def test_cached_embeddings_give_the_same_step(exp, fixed_batch):
     """The text-cache path (embeddings in the batch) equals running the encoders in the step."""
     state, shardings = trainer.init_train_state(exp)
-    step = jax.jit(trainer.make_train_step(exp))
+    step = trainer.compile_train_step(exp, shardings)  # the program test_one_step compiled: a cache hit
     cond = jax.device_get(exp.encoders.encode(exp.encoders.params, fixed_batch))
+    state2 = jax.tree.map(jnp.copy, state)  # the step donates its input state
     with_tokens, m1 = step(state, exp.encoders.params, fixed_batch)
-    with_cache, m2 = step(state, exp.encoders.params, {"image": fixed_batch["image"], **cond})
+    with_cache, m2 = step(state2, exp.encoders.params, {"image": fixed_batch["image"], **cond})
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  with_tokens.params, with_cache.params)

@@ -37,25 +37,23 @@ def setup():
     x = jax.random.normal(jax.random.key(1), (B, H, H, 3))
     c_noise = jnp.array([-1.0, 0.5])
     cond = make_cond(jax.random.key(2))
-    params = jax.jit(model.init)(jax.random.key(0), x, c_noise, cond)["params"]
-    params = randomize(params, jax.random.key(3))
+    fresh = jax.jit(model.init)(jax.random.key(0), x, c_noise, cond)["params"]
+    params = randomize(fresh, jax.random.key(3))
     apply = jax.jit(lambda p, x, c, cond: model.apply({"params": p}, x, c, cond))
-    return model, params, x, c_noise, cond, apply
+    return model, params, x, c_noise, cond, apply, fresh
 
 
-def test_output_shape_and_zero_init():
+def test_output_shape_and_zero_init(setup):
     """conv_out is zero-initialised, so a fresh network outputs exactly 0 (EDM's D = c_skip x)."""
-    model = build_model(TINY)
-    x = jnp.ones((B, H, H, 3))
-    cond = make_cond(jax.random.key(0))
-    out, params = jax.jit(model.init_with_output)(jax.random.key(0), x, jnp.zeros((B,)), cond)
+    model, _, x, c_noise, cond, apply, fresh = setup
+    out = apply(fresh, x, c_noise, cond)
     assert out.shape == (B, H, H, 3) and out.dtype == jnp.float32
     np.testing.assert_array_equal(out, 0.0)
 
 
 def test_padded_tokens_are_ignored(setup):
     """Embeddings at mask == 0 positions must not change the output; valid ones must."""
-    model, params, x, c_noise, cond, apply = setup
+    model, params, x, c_noise, cond, apply, _ = setup
     base = apply(params, x, c_noise, cond)
     padded = dict(cond, t5=cond["t5"].at[:, 3:].set(100.0))
     np.testing.assert_allclose(apply(params, x, c_noise, padded), base, atol=1e-5)
@@ -65,7 +63,7 @@ def test_padded_tokens_are_ignored(setup):
 
 def test_fully_masked_context_uses_null_token(setup):
     """With every text token masked (both encoders dropped) the output cannot depend on the prompt."""
-    model, params, x, c_noise, cond, apply = setup
+    model, params, x, c_noise, cond, apply, _ = setup
     other = make_cond(jax.random.key(7))
     drop = lambda c: dict(c, t5_mask=c["t5_mask"] * 0, clip_mask=c["clip_mask"] * 0, clip_pooled=c["clip_pooled"] * 0)
     a = apply(params, x, c_noise, drop(cond))
@@ -75,13 +73,13 @@ def test_fully_masked_context_uses_null_token(setup):
 
 
 def test_noise_level_changes_output(setup):
-    model, params, x, c_noise, cond, apply = setup
+    model, params, x, c_noise, cond, apply, _ = setup
     assert np.abs(apply(params, x, c_noise, cond) - apply(params, x, c_noise + 1.0, cond)).max() > 1e-3
 
 
 def test_remat_matches_plain(setup):
     """Rematerialisation trades compute for memory; values and gradients must be identical."""
-    model, params, x, c_noise, cond, _ = setup
+    model, params, x, c_noise, cond, _, _ = setup
     remat_model = build_model(dict(TINY, remat=True))
 
     def loss(m, p):
@@ -95,7 +93,7 @@ def test_remat_matches_plain(setup):
 
 def test_bfloat16_compute_close_to_float32(setup):
     """bf16 compute keeps float32 params and output, and stays near the f32 result."""
-    model, params, x, c_noise, cond, apply = setup
+    model, params, x, c_noise, cond, apply, _ = setup
     bf16 = build_model(dict(TINY, dtype="bfloat16"))
     out = jax.jit(bf16.apply)({"params": params}, x, c_noise, cond)
     ref = apply(params, x, c_noise, cond)
