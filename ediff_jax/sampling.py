@@ -39,6 +39,14 @@ def make_model_fn(model: nn.Module, params: Any, sigma_data: float,
     return experts.ensemble_denoiser(lambda p, x, sigma, cond: single(p)(x, sigma, cond), params, boundaries)
 
 
+def check_sampler_args(sampler: str, steps: int) -> None:
+    """Shared boundary checks of the single-canvas and MultiDiffusion samplers."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}.")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+
+
 class Sampler:
     def __init__(
         self,
@@ -54,10 +62,7 @@ class Sampler:
         progress: bool = False,
         boundaries: Any = None,
     ):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}.")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}.")
+        check_sampler_args(sampler, steps)
         self.model, self.encoders, self.image_size = model, encoders, image_size
         self.sigma_data = sigma_data
         self.sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max)

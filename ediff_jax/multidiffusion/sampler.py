@@ -23,10 +23,9 @@ from ediff_jax.images import ensure_writable_dir, make_grid, save_png, to_uint8
 from ediff_jax.multidiffusion.denoiser import check_chunk_size, multidiffusion_denoiser
 from ediff_jax.multidiffusion.regions import bootstrap_sigma, check_bootstrap_fraction, check_masks, region_denoiser
 from ediff_jax.multidiffusion.views import Tiling
-from ediff_jax.sampling import load_workdir, make_model_fn
+from ediff_jax.sampling import SAMPLERS, check_sampler_args, load_workdir, make_model_fn
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
-SAMPLERS = {"heun": edm.heun_sample, "euler": edm.euler_sample}
 Region = tuple[str, Any]  # (prompt, mask [H, W] in [0, 1] or a path to a PNG)
 
 
@@ -59,10 +58,7 @@ class MultiDiffusionSampler:
         boundaries: Any = None,
     ):
         """`boundaries`: sigma boundaries of a stacked expert ensemble (`params` stacked), else None."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}.")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}.")
+        check_sampler_args(sampler, steps)
         check_chunk_size(chunk_size)
         self.encoders = encoders
         stride = default_stride(image_size) if stride is None else stride
