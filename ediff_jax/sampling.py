@@ -93,6 +93,25 @@ class Sampler:
         return to_uint8(jax.device_get(images))
 
 
+def read_workdir_config(workdir: str | Path) -> Any:
+    """The config a workdir was trained with (over today's defaults); cheap, no checkpoint read."""
+    from ediff_jax.config_utils import config_from_json
+
+    config_path = Path(workdir).expanduser() / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: --workdir must be a directory written by ediff_jax.train.")
+    return config_from_json(config_path.read_text())
+
+
+def write_samples(images: np.ndarray, out: Path, num: int, prompt_lines: Sequence[str], cols: int | None = None) -> None:
+    """One PNG per image (named prompt_sample), `grid.png` and `prompts.txt`."""
+    upscale = max(1, 128 // images.shape[1])
+    for i, img in enumerate(images):
+        save_png(img, out / f"{i // num:02d}_{i % num:02d}.png", upscale=upscale)
+    save_png(make_grid(images, cols=cols or num), out / "grid.png", upscale=upscale)
+    (out / "prompts.txt").write_text("\n".join(prompt_lines) + "\n")
+
+
 def load_workdir(workdir: str | Path, devices: list | None = None) -> tuple[Any, Any, Any]:
     """Config, experiment and EMA params of a trained workdir (latest checkpoint).
 
@@ -100,17 +119,13 @@ def load_workdir(workdir: str | Path, devices: list | None = None) -> tuple[Any,
     boundaries stored with the checkpoint; pass both to `make_model_fn` / `Sampler`.
     """
     from ediff_jax import trainer
-    from ediff_jax.config_utils import config_from_json
     from ediff_jax.checkpoints import Checkpointer, abstract_with_shardings
 
     workdir = Path(workdir).expanduser()
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: --workdir must be a directory written by ediff_jax.train.")
+    config = read_workdir_config(workdir)
     ckpt = Checkpointer(workdir, async_save=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first.")
-    config = config_from_json(config_path.read_text())
     exp = trainer.build_experiment(config, devices)
     saved = ckpt.read_meta()
     trainer.check_checkpoint_kind(saved, exp)
@@ -156,9 +171,5 @@ def sample_from_workdir(
     extra = extra_cond_fn(exp, expanded) if extra_cond_fn else None
     images = sample(ema_params, expanded, guidance=guidance, seed=seed, use_t5=use_t5, use_clip=use_clip,
                     extra_cond=extra)
-    upscale = max(1, 128 // images.shape[1])
-    for i, img in enumerate(images):
-        save_png(img, out / f"{i // num:02d}_{i % num:02d}.png", upscale=upscale)
-    save_png(make_grid(images, cols=num), out / "grid.png", upscale=upscale)
-    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    write_samples(images, out, num, prompts)
     return images

@@ -8,7 +8,6 @@ runtime inputs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,11 +18,11 @@ import numpy as np
 from PIL import Image
 
 from ediff_jax import edm
-from ediff_jax.images import ensure_writable_dir, make_grid, save_png, to_uint8
+from ediff_jax.images import ensure_writable_dir, to_uint8
 from ediff_jax.multidiffusion.denoiser import check_chunk_size, multidiffusion_denoiser
 from ediff_jax.multidiffusion.regions import bootstrap_sigma, check_bootstrap_fraction, check_masks, region_denoiser
 from ediff_jax.multidiffusion.views import Tiling
-from ediff_jax.sampling import SAMPLERS, check_sampler_args, load_workdir, make_model_fn
+from ediff_jax.sampling import SAMPLERS, check_sampler_args, load_workdir, make_model_fn, read_workdir_config, write_samples
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
 Region = tuple[str, Any]  # (prompt, mask [H, W] in [0, 1] or a path to a PNG)
@@ -123,13 +122,6 @@ def load_mask(path: str | Path, height: int, width: int) -> np.ndarray:
     return check_masks([mask], height, width, [str(path)])[0]
 
 
-def _image_size(workdir: Path) -> int:
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: --workdir must be a directory written by ediff_jax.train.")
-    return int(json.loads(config_path.read_text())["data"]["image_size"])
-
-
 def sample_canvas_from_workdir(
     workdir: str | Path,
     prompts: Sequence[str],
@@ -159,7 +151,7 @@ def sample_canvas_from_workdir(
     if not prompts:
         raise ValueError("Give at least one prompt.")
     workdir = Path(workdir).expanduser()
-    size = _image_size(workdir)
+    size = int(read_workdir_config(workdir).data.image_size)
     height, width = size if height is None else height, size if width is None else width
     # Geometry and mask errors surface here, before the checkpoint is loaded.
     Tiling(height, width, size, default_stride(size) if stride is None else stride, circular)
@@ -178,11 +170,6 @@ def sample_canvas_from_workdir(
     guidance = float(config.sample.guidance) if guidance is None else float(guidance)
     images = sample(ema_params, [p for p in prompts for _ in range(num)], regions=regions, guidance=guidance,
                     seed=seed, use_t5=use_t5, use_clip=use_clip)
-    upscale = max(1, 128 // height)
-    for i, img in enumerate(images):
-        save_png(img, out / f"{i // num:02d}_{i % num:02d}.png", upscale=upscale)
     cols = num if width <= 2 * height else 1  # panoramas stack one per row
-    save_png(make_grid(images, cols=cols), out / "grid.png", upscale=upscale)
-    lines = list(prompts) + [f"region: {p}" for p, _ in regions]
-    (out / "prompts.txt").write_text("\n".join(lines) + "\n")
+    write_samples(images, out, num, list(prompts) + [f"region: {p}" for p, _ in regions], cols=cols)
     return images
