@@ -22,6 +22,9 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "absl-py>=2.1",
     "tensorboard>=2.21,<2.22",
+    # Real photographs for the SR stages (configs/sr_photos.py) ship inside these wheels.
+    "scikit-image>=0.26,<0.27",
+    "scikit-learn>=1.9,<2",
 ]
 
 EXTRAS = {
@@ -35,7 +38,7 @@ setup(
     description=__doc__,
     python_requires=">=3.11",
     packages=find_packages(include=["ediff_jax", "ediff_jax.*"]),
-    package_data={"ediff_jax": ["assets/text/*/*"]},
+    package_data={"ediff_jax": ["assets/text/*/*", "assets/eval/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -8,8 +8,10 @@ written: the user's checkpoint is never touched by a mismatched run.
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -45,9 +47,15 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored["meta"]
 
-    def check_compatible(self, meta: Mapping[str, Any]) -> None:
-        """Raises CheckpointMismatchError naming the differing keys, if any."""
-        saved = self.read_meta()
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def check_compatible(self, meta: Mapping[str, Any], saved: Mapping[str, Any] | None = None) -> None:
+        """Raises CheckpointMismatchError naming the differing keys, if any.
+
+        `saved`: metadata already read (default: the latest checkpoint's).
+        """
+        saved = self.read_meta() if saved is None else saved
         if saved is None:
             return
         saved, wanted = _normalise(saved), _normalise(meta)
@@ -81,6 +89,40 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
+
+    def restore_latest_good(self, abstract_for: Callable[[dict], Any]) -> tuple[int, Any, dict]:
+        """Restores the newest checkpoint that reads back; returns (step, state, meta).
+
+        `abstract_for(meta)` gives the abstract state to restore onto (it may raise
+        CheckpointMismatchError, which is passed on: a config error, not a corrupt file).
+        A checkpoint that fails to read (a partial write, a truncated file) is moved aside
+        to `checkpoints/unreadable_<step>` -- kept, never deleted -- with a warning, and the
+        previous one is tried.
+        """
+        first_error: Exception | None = None
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.read_meta(step)
+                abstract = abstract_for(meta)
+                state = self.restore(abstract, step)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # orbax raises many types for unreadable data
+                first_error = first_error or e
+                self._quarantine(step, e)
+                continue
+            return step, state, meta
+        raise RuntimeError(f"No checkpoint in {self.directory} could be read back; the first error was: "
+                           f"{first_error}") from first_error
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        source = self.directory / str(step)
+        target = self.directory / f"unreadable_{step}"
+        warnings.warn(f"Checkpoint step {step} in {self.directory} could not be read ({type(error).__name__}: "
+                      f"{str(error)[:200]}); moved it to {target} and trying the previous checkpoint.")
+        if source.exists():
+            shutil.move(str(source), str(target))
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -35,6 +35,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.name = "ediff_shapes/64"  # TFDS name; "ediff_shapes/SIZE" is prepared locally
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.image_size = 64
+    # Your own captioned images: name="image_folder" and `folder` a directory of images with
+    # captions.tsv (file<TAB>caption) or captions.jsonl; prepared once into TFDS shards.
+    c.data.folder = ml_collections.FieldReference(None, field_type=str)
+    c.data.validation_fraction = 0.05  # image_folder only: share held out (by a hash of the file name)
+    # Resize every image to image_size before any crop. False: crop straight from each
+    # image's native size (datasets of photos of different sizes, with sr.crop_size).
+    c.data.resize = True
     c.data.shuffle_buffer = 10_000
     # Read precomputed T5/CLIP embeddings (built once, beside the TFDS data) instead of
     # running the encoders every step: `python -m ediff_jax.text.cache --config ...`.
@@ -57,11 +64,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_res_blocks = 2
     c.model.attn_resolutions = (16, 8)
     c.model.cross_attn_resolutions = (16, 8)
+    c.model.attn_levels = ()  # by level index instead of pixel size (stages trained on crops)
+    c.model.cross_attn_levels = ()
+    c.model.mid_self_attn = True
     c.model.num_heads = 4
     c.model.context_dim = 256
     c.model.dropout = 0.0
     c.model.dtype = "float32"
     c.model.remat = False
+
+    # Super-resolution stage (eDiff-I's 64->256 and 256->1024 models). lowres_size > 0 makes
+    # this config an SR stage: the model sees the image downsampled to lowres_size (then
+    # degraded and noise-augmented) and learns data.image_size. 0: a base model.
+    c.sr = ml_collections.ConfigDict()
+    c.sr.lowres_size = 0
+    # Train on random crop_size crops of the data.image_size images (the 1024 stage: 256),
+    # the low-res input cropped to match; sampling still runs on whole images. 0: no crops.
+    c.sr.crop_size = 0
+    # Degradations of the low-res training input, by preset name: "none" (a clean area
+    # downsample, what the previous stage's samples look like) or "realesrgan" (blur,
+    # resize, noise, JPEG).
+    c.sr.degradation = "none"
+    # Noise-conditioning augmentation: training adds Gaussian noise of std ~ U[0, aug_max]
+    # to the low-res input and embeds that level; sampling picks one (aug_level).
+    c.sr.aug_max = 0.5
+    c.sr.aug_level = 0.1
 
     c.edm = ml_collections.ConfigDict()
     c.edm.sigma_data = 0.5
@@ -76,12 +103,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.experts.phases = ()
     c.experts.phase_steps = ()
     # How the per-expert update runs over the stacked expert axis: "vmap" (one batched
-    # program, the design) or "scan" (lax.map, one expert after the other). On XLA:CPU the
-    # scan measured ~10x slower than vmap (BENCHMARKS.md), so vmap is the default.
-    c.experts.train_map = "vmap"
+    # program), "unroll" (E single-model updates in one program), "scan" (lax.map, least
+    # memory) or "auto": unroll on CPU, where vmapped (grouped) convolutions measured 0.4x
+    # the single model's throughput per sample and unroll 1.17x (BENCHMARKS.md), else vmap.
+    c.experts.train_map = "auto"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes
+    # Other axes: `fsdp` (parameters and optimizer state split by the sharding rules, the
+    # batch split over data x fsdp), `expert` (a stacked expert axis), and `dcn`, a dict of
+    # per-axis slice counts for multi-slice pods, e.g. {"data": -1, "fsdp": 8, "dcn": {"data": 2}}.
+
+    # Parameter / optimizer-state sharding: (regex, rule) pairs matched in order against
+    # '/'-joined parameter paths (first match wins), then the default ".*" -> "fsdp". A
+    # rule is a PartitionSpec-like tuple of mesh axes, "replicate", or "fsdp" (split the
+    # largest dimension divisible by the fsdp axis of tensors with >= fsdp_min_size
+    # elements per device; replicate the rest). Without an fsdp mesh axis, "fsdp" replicates.
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = ()
+    c.sharding.fsdp_min_size = 2**18
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64  # global
@@ -90,7 +130,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.warmup_steps = 1000
     c.train.weight_decay = 0.0
     c.train.grad_clip = 1.0
-    c.train.ema_decay = 0.9999
+    c.train.ema_decay = 0.9999  # the EMA that sampling uses by default (state.ema_params)
+    # Further EMAs kept in the train state, sharded like the parameters; sample with one by
+    # `python -m ediff_jax.sample --ema_decay D`.
+    c.train.extra_ema_decays = ()
+    c.train.grad_accum = 1  # micro-batches per step (the batch is split, gradients averaged)
+    # NaN/Inf in the loss or gradients: stop naming the step (False), or skip that update
+    # and count it in the metrics (True).
+    c.train.skip_nonfinite = False
+    c.train.log_mfu = True  # model FLOP utilisation from XLA's cost analysis (CPU: vs a measured matmul peak)
+    c.train.profile_steps = ()  # (first, last) steps traced with jax.profiler into WORKDIR/profile
     c.train.log_every = 100
     c.train.ckpt_every = 5000
     c.train.keep_ckpts = 3
@@ -192,7 +241,11 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
                 merge(into[key], value)
             else:
                 with into.unlocked():
-                    into[key] = value
+                    try:
+                        into[key] = value
+                    except TypeError:  # a default of another type, e.g. num_res_blocks int -> per-level list
+                        del into[key]
+                        into[key] = value
 
     config = base_config()
     merge(config, json.loads(text))

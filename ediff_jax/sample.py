@@ -4,6 +4,12 @@
 
 Writes one PNG per image and a grid (a row per prompt) into --out (default DIR/samples).
 
+Cascade (eDiff-I's text -> 64 -> 256 -> 1024): add one `--sr_workdir` per SR stage, in
+order of resolution; `--sr_steps/--sr_guidance/--aug_level/--sr_seed` give per-SR-stage
+values (repeat the flag per stage). Each stage's PNGs go to OUT/stage{k}_{H}x{W}/. With
+--height/--width the base canvas is a MultiDiffusion panorama, upsampled by the SR
+stages fully convolutionally (--sr_mode full) or as tiles (--sr_mode tiles).
+
 Paint-with-words: `--paint "red circle=left.png" --paint "blue square=right.png" --pww-weight 0.4`
 places each phrase of the prompt in its painted (white) region; masks are PNGs of any size.
 """
@@ -28,6 +34,8 @@ flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("sampler", None, "heun or euler (default: the config's).")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/samples).")
+flags.DEFINE_float("ema_decay", None, "Which EMA of the weights to sample with (default: config.train.ema_decay; "
+                   "others: config.train.extra_ema_decays).")
 flags.DEFINE_bool("use_t5", True, "Condition on T5 (False: CLIP only).")
 flags.DEFINE_bool("use_clip", True, "Condition on CLIP (False: T5 only).")
 flags.DEFINE_multi_string("paint", None, "Paint-with-words: 'PHRASE=MASK.png' (PNG of any size, white = the "
@@ -42,7 +50,45 @@ flags.DEFINE_multi_string("region", None, "MultiDiffusion region 'PROMPT=MASK.pn
 flags.DEFINE_integer("chunk_size", None, "MultiDiffusion crops per batched model call (default: all; fewer: less "
                      "memory).")
 flags.DEFINE_float("bootstrap", 0.2, "MultiDiffusion: fraction of steps with region bootstrapping.")
+flags.DEFINE_multi_string("sr_workdir", None, "Cascade: an SR stage's workdir, after --workdir's base model; "
+                          "repeat in order of resolution (256, then 1024).")
+flags.DEFINE_multi_integer("sr_steps", None, "Cascade: sampler steps per SR stage (default: each stage's config).")
+flags.DEFINE_multi_float("sr_guidance", None, "Cascade: guidance per SR stage (default: each stage's config).")
+flags.DEFINE_multi_float("aug_level", None, "Cascade: noise-augmentation level of the low-res input per SR stage "
+                         "(default: each stage's config.sr.aug_level).")
+flags.DEFINE_multi_integer("sr_seed", None, "Cascade: seed per SR stage (default: --seed + stage index).")
+flags.DEFINE_enum("sr_mode", "full", ["full", "tiles"], "Cascade on a canvas: SR stages on the whole canvas (full) "
+                  "or as MultiDiffusion tiles.")
 FLAGS = flags.FLAGS
+
+
+def _per_stage(values: list | None, count: int, name: str) -> list:
+    """A per-SR-stage flag: absent, or one value per --sr_workdir."""
+    values = list(values or [])
+    if values and len(values) != count:
+        raise ValueError(f"--{name} was given {len(values)} times but there are {count} --sr_workdir stages; "
+                         "give it once per stage, in the same order.")
+    return values or [None] * count
+
+
+def run_cascade_flags(out: str) -> None:
+    from ediff_jax.cascade import StageSettings, sample_cascade_from_workdirs
+
+    if FLAGS.paint or FLAGS.region:
+        raise ValueError("--paint and --region do not combine with --sr_workdir yet; sample the base model alone.")
+    n = len(FLAGS.sr_workdir)
+    per = zip(_per_stage(FLAGS.sr_steps, n, "sr_steps"), _per_stage(FLAGS.sr_guidance, n, "sr_guidance"),
+              _per_stage(FLAGS.aug_level, n, "aug_level"), _per_stage(FLAGS.sr_seed, n, "sr_seed"))
+    settings = [StageSettings(steps=FLAGS.steps, guidance=FLAGS.guidance, seed=FLAGS.seed, sampler=FLAGS.sampler)]
+    settings += [StageSettings(steps=st, guidance=g, aug_level=a, seed=sd, sampler=FLAGS.sampler)
+                 for st, g, a, sd in per]
+    outputs = sample_cascade_from_workdirs(
+        FLAGS.workdir, FLAGS.sr_workdir, FLAGS.prompt, settings, num=FLAGS.num, out=out, height=FLAGS.height,
+        width=FLAGS.width, stride=FLAGS.stride, circular=FLAGS.circular, sr_mode=FLAGS.sr_mode,
+        chunk_size=FLAGS.chunk_size, seed=FLAGS.seed,
+    )
+    sizes = ", ".join(f"{o.shape[1]}x{o.shape[2]}" for o in outputs)
+    print(f"Wrote {len(outputs[-1])} images per stage ({sizes}) to {out}/stage*/.")
 
 
 def main(argv: list[str]) -> None:
@@ -59,6 +105,12 @@ def run() -> None:
     from ediff_jax.sampling import sample_from_workdir  # deferred so --help is fast
 
     out = FLAGS.out or f"{FLAGS.workdir}/samples"
+    if FLAGS.sr_workdir:
+        run_cascade_flags(out)
+        return
+    for name in ("sr_steps", "sr_guidance", "aug_level", "sr_seed", "sr_mode"):
+        if FLAGS[name].present:
+            raise ValueError(f"--{name} sets an SR stage of a cascade; add --sr_workdir.")
     if FLAGS.height is not None or FLAGS.width is not None or FLAGS.region or FLAGS.circular:  # MultiDiffusion
         from ediff_jax.multidiffusion import parse_region, sample_canvas_from_workdir
 
@@ -70,7 +122,7 @@ def run() -> None:
             circular=FLAGS.circular, regions=[parse_region(r) for r in FLAGS.region or []], num=FLAGS.num,
             guidance=FLAGS.guidance, steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler, out=out,
             use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, chunk_size=FLAGS.chunk_size,
-            bootstrap_fraction=FLAGS.bootstrap,
+            bootstrap_fraction=FLAGS.bootstrap, ema_decay=FLAGS.ema_decay,
         )
         print(f"Wrote {len(images)} canvases and grid.png to {out}.")
         return
@@ -91,7 +143,7 @@ def run() -> None:
         raise ValueError("--pww_weight needs --paint 'PHRASE=MASK.png' (it sets the strength of the painting).")
     images = sample_from_workdir(
         FLAGS.workdir, FLAGS.prompt, num=FLAGS.num, guidance=FLAGS.guidance, steps=FLAGS.steps, seed=FLAGS.seed,
-        sampler=FLAGS.sampler, out=out, use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip,
+        sampler=FLAGS.sampler, out=out, use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, ema_decay=FLAGS.ema_decay,
     )
     print(f"Wrote {len(images)} images and grid.png to {out}.")
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ediff_jax import edm, experts
+from ediff_jax import edm, experts, parallel, sr
 from ediff_jax.images import ensure_writable_dir, make_grid, save_png, to_uint8
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
@@ -48,12 +48,20 @@ def check_sampler_args(sampler: str, steps: int) -> None:
 
 
 class Sampler:
+    """Text-to-image (or, for an SR stage, text + low-res image to image) sampling.
+
+    `image_size` is an int (square) or (height, width): an SR stage is fully
+    convolutional, so it can run on a canvas of another shape (a panorama), given a
+    low-res input `lowres_factor` times smaller. With a `mesh`, the batch is spread over
+    its data axes (params must then live on that mesh, as `load_workdir` places them).
+    """
+
     def __init__(
         self,
         model: nn.Module,
         encoders: TextEncoders,
         *,
-        image_size: int,
+        image_size: int | tuple[int, int],
         steps: int = 32,
         sampler: str = "heun",
         sigma_data: float = 0.5,
@@ -61,34 +69,62 @@ class Sampler:
         sigma_max: float = 80.0,
         progress: bool = False,
         boundaries: Any = None,
+        lowres_factor: int = 1,
+        mesh: Any = None,
     ):
         check_sampler_args(sampler, steps)
+        height, width = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else image_size
         self.model, self.encoders, self.image_size = model, encoders, image_size
+        self.height, self.width = int(height), int(width)
         self.sigma_data = sigma_data
+        self.is_sr = bool(getattr(model, "lowres_cond", False))
+        self.lowres_factor = int(lowres_factor)
+        self.mesh = mesh
+        if self.is_sr and self.lowres_factor < 2:
+            raise ValueError("An SR stage needs lowres_factor >= 2 (image size / low-res size).")
         self.sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max)
         sample_fn = SAMPLERS[sampler]
 
         def run(params: Any, enc_params: Any, tokens: Any, extra_cond: Any, rng: jax.Array, guidance: jax.Array,
                 use_t5: bool, use_clip: bool) -> jax.Array:
             cond = {**select_encoders(encoders.encode(enc_params, tokens), use_t5, use_clip), **extra_cond}
+            if "lowres" in cond:  # noise-conditioning augmentation at the chosen level
+                cond["lowres"] = sr.noise_lowres(jax.random.fold_in(rng, 2), cond["lowres"], cond["aug_level"])
             model_fn = make_model_fn(model, params, sigma_data, boundaries)
             denoise = edm.guided_denoiser(model_fn, cond, unconditional(cond), guidance)
             batch = tokens["t5_ids"].shape[0]
-            x = jax.random.normal(rng, (batch, image_size, image_size, 3)) * self.sigmas[0]
+            x = jax.random.normal(rng, (batch, self.height, self.width, 3)) * self.sigmas[0]
             return sample_fn(denoise, x, self.sigmas, progress=progress)
 
         self._run = jax.jit(run, static_argnames=("use_t5", "use_clip"))
 
     def __call__(self, params: Any, prompts: Sequence[str], *, guidance: float = 3.0, seed: int = 0,
-                 use_t5: bool = True, use_clip: bool = True, extra_cond: dict | None = None) -> np.ndarray:
+                 use_t5: bool = True, use_clip: bool = True, extra_cond: dict | None = None,
+                 lowres: Any = None, aug_level: float = 0.0) -> np.ndarray:
         """Samples one image per prompt; returns uint8 [N, H, W, 3].
 
         `extra_cond` holds further conditioning arrays with leading batch axis N (e.g.
         paint-with-words masks); they are runtime inputs, so new values do not recompile.
-        `unconditional()` decides what the guidance branch sees of them.
+        `unconditional()` decides what the guidance branch sees of them. An SR stage
+        takes `lowres` (uint8 or [-1, 1] floats, [N, H/f, W/f, 3]) and the
+        noise-augmentation level `aug_level` (0: the input as it is).
         """
-        tokens = self.encoders.tokenize(list(prompts))
-        images = self._run(params, self.encoders.params, tokens, dict(extra_cond or {}), jax.random.PRNGKey(seed),
+        prompts = list(prompts)
+        extra = dict(extra_cond or {})
+        if self.is_sr:
+            if lowres is None:
+                raise ValueError("This is a super-resolution stage: pass `lowres`, the previous stage's images.")
+            sr.check_lowres_shape(lowres, len(prompts), self.height, self.width, self.lowres_factor)
+            if aug_level < 0:
+                raise ValueError(f"aug_level={aug_level} must be >= 0 (the std of the noise added to the low-res input).")
+            extra["lowres"] = sr.lowres_to_model(lowres)
+            extra["aug_level"] = np.full((len(prompts),), aug_level, np.float32)
+        elif lowres is not None:
+            raise ValueError("`lowres` was given, but this model is a base (text-to-image) model, not an SR stage.")
+        tokens = self.encoders.tokenize(prompts)
+        if self.mesh is not None and len(prompts) % parallel.data_parallel_size(self.mesh) == 0:
+            tokens, extra = parallel.shard_batch((tokens, extra), self.mesh)
+        images = self._run(params, self.encoders.params, tokens, extra, jax.random.PRNGKey(seed),
                            jnp.float32(guidance), use_t5=use_t5, use_clip=use_clip)
         return to_uint8(jax.device_get(images))
 
@@ -103,6 +139,16 @@ def read_workdir_config(workdir: str | Path) -> Any:
     return config_from_json(config_path.read_text())
 
 
+def check_base_workdir(workdir: str | Path) -> None:
+    """Text-to-image sampling needs a base model; an SR stage needs the previous stage's images."""
+    config = read_workdir_config(workdir)
+    if sr.is_sr(config):
+        raise ValueError(
+            f"{workdir} holds an SR stage ({config.sr.lowres_size} -> {config.data.image_size}), not a base model. "
+            "Run it in a cascade after a base model: --workdir BASE --sr_workdir " + str(workdir) + "."
+        )
+
+
 def write_samples(images: np.ndarray, out: Path, num: int, prompt_lines: Sequence[str], cols: int | None = None) -> None:
     """One PNG per image (named prompt_sample), `grid.png` and `prompts.txt`."""
     upscale = max(1, 128 // images.shape[1])
@@ -112,11 +158,24 @@ def write_samples(images: np.ndarray, out: Path, num: int, prompt_lines: Sequenc
     (out / "prompts.txt").write_text("\n".join(prompt_lines) + "\n")
 
 
-def load_workdir(workdir: str | Path, devices: list | None = None) -> tuple[Any, Any, Any]:
+def select_ema(config: Any, state: Any, ema_decay: float | None) -> Any:
+    """The EMA parameters of decay `ema_decay` (None: config.train.ema_decay, the default one)."""
+    if ema_decay is None or float(ema_decay) == float(config.train.ema_decay):
+        return state.ema_params
+    extra = [float(d) for d in config.train.extra_ema_decays]
+    if float(ema_decay) not in extra:
+        raise ValueError(f"This workdir keeps EMAs with decays {[float(config.train.ema_decay), *extra]}, not "
+                         f"{ema_decay}; pick one of those (config.train.extra_ema_decays adds more when training).")
+    return state.extra_emas[extra.index(float(ema_decay))]
+
+
+def load_workdir(workdir: str | Path, devices: list | None = None,
+                 ema_decay: float | None = None) -> tuple[Any, Any, Any]:
     """Config, experiment and EMA params of a trained workdir (latest checkpoint).
 
     For an expert ensemble the params are stacked and `exp.boundaries` holds the sigma
     boundaries stored with the checkpoint; pass both to `make_model_fn` / `Sampler`.
+    `ema_decay` picks one of the EMAs kept in training (default: config.train.ema_decay).
     """
     from ediff_jax import trainer
     from ediff_jax.checkpoints import Checkpointer, abstract_with_shardings
@@ -127,16 +186,19 @@ def load_workdir(workdir: str | Path, devices: list | None = None) -> tuple[Any,
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first.")
     exp = trainer.build_experiment(config, devices)
-    saved = ckpt.read_meta()
-    trainer.check_checkpoint_kind(saved, exp)
-    ckpt.check_compatible(trainer.model_meta(config))
+
+    def abstract_for(saved: dict) -> Any:
+        trainer.check_checkpoint_kind(saved, exp)
+        ckpt.check_compatible(trainer.model_meta(config), saved)
+        abstract, shardings = trainer.state_shardings(exp, int(saved.get("progress", {}).get("phase", 0)))
+        return abstract_with_shardings(abstract, shardings)
+
+    _, state, saved = ckpt.restore_latest_good(abstract_for)
     progress = saved.get("progress", {})
-    abstract, shardings = trainer.state_shardings(exp, int(progress.get("phase", 0)))
-    state = ckpt.restore(abstract_with_shardings(abstract, shardings))
     ckpt.close()
     if exp.phases:
         exp.boundaries = np.asarray(progress["boundaries"], np.float32)
-    return config, exp, state.ema_params
+    return config, exp, select_ema(config, state, ema_decay)
 
 
 def sample_from_workdir(
@@ -152,6 +214,7 @@ def sample_from_workdir(
     use_t5: bool = True,
     use_clip: bool = True,
     progress: bool = True,
+    ema_decay: float | None = None,
     extra_cond_fn: Callable[[Any, list[str]], dict] | None = None,
 ) -> np.ndarray:
     """Writes one PNG per image and `grid.png` (a row per prompt) to `out`; returns the images.
@@ -161,8 +224,9 @@ def sample_from_workdir(
     """
     if not prompts:
         raise ValueError("Give at least one prompt.")
+    check_base_workdir(workdir)
     out = ensure_writable_dir(out or Path(workdir).expanduser() / "samples")  # before any heavy work
-    config, exp, ema_params = load_workdir(workdir)
+    config, exp, ema_params = load_workdir(workdir, ema_decay=ema_decay)
     sample = Sampler(exp.model, exp.encoders, image_size=int(config.data.image_size),
                      steps=steps or int(config.sample.steps), sampler=sampler or config.sample.sampler,
                      sigma_data=float(config.edm.sigma_data), progress=progress, boundaries=exp.boundaries)

@@ -2,6 +2,11 @@
 
 Config variants go after a colon (`configs/base64.py:size=tiny`); any key can be
 overridden with `--config.train.lr=3e-4`.
+
+Multi-host: on a TPU pod run the same command on every host (jax.distributed joins
+automatically). On GPU/CPU clusters give each process --coordinator_address HOST:PORT
+--num_processes N --process_id I (or the EDIFF_COORDINATOR / EDIFF_NUM_PROCESSES /
+EDIFF_PROCESS_ID variables; SLURM and Open MPI jobs are detected).
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from ml_collections import config_flags
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.", required=True)
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].", lock_config=True)
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0 (GPU/CPU clusters).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes in the job.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 FLAGS = flags.FLAGS
 
 
@@ -26,9 +34,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     quiet_library_logs()
-    from ediff_jax import trainer  # deferred so --help is fast
+    from ediff_jax import distributed, trainer  # deferred so --help is fast
 
     try:
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FloatingPointError) as e:  # user-facing errors: message, not traceback
         sys.exit(f"error: {e}")

@@ -7,6 +7,8 @@ is importable from a notebook.
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -18,10 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from ediff_jax import edm, experts, logs, parallel
+from ediff_jax import edm, experts, logs, parallel, sharding, sr
 from ediff_jax.checkpoints import CheckpointMismatchError, Checkpointer, abstract_with_shardings
 from ediff_jax.config_utils import validate_config
 from ediff_jax.images import ensure_writable_dir, make_grid, save_png
@@ -40,6 +42,7 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     rng: jax.Array
+    extra_emas: tuple = ()  # one params-shaped EMA per config.train.extra_ema_decays
 
 
 def make_optimizer(train_config: Mapping[str, Any]) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -61,12 +64,15 @@ def make_optimizer(train_config: Mapping[str, Any]) -> tuple[optax.GradientTrans
 
 def model_meta(config: ml_collections.ConfigDict) -> dict:
     """What a checkpoint belongs to; compared on resume and when sampling."""
-    return {
-        "stage": "base",
+    out = {
+        "stage": "sr" if sr.is_sr(config) else "base",
         "model": config.model.to_dict(),
         "image_size": int(config.data.image_size),
         "experts": {"phases": [[list(iv) for iv in phase] for phase in config.experts.phases]},
     }
+    if sr.is_sr(config):
+        out["sr"] = {"lowres_size": int(config.sr.lowres_size), "crop_size": int(config.sr.crop_size)}
+    return out
 
 
 def progress_meta(exp: "Experiment", phase: int) -> dict:
@@ -76,6 +82,23 @@ def progress_meta(exp: "Experiment", phase: int) -> dict:
         out["boundaries"] = experts.boundaries_from_intervals(
             exp.phases[phase], exp.config.edm.p_mean, exp.config.edm.p_std).tolist()
     return out
+
+
+# Loss is also reported per sigma bucket (edges in sigma): where in the noise range a
+# change helps or hurts, which is what expert ablations are about.
+SIGMA_BUCKETS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def sigma_bucket_names() -> list[str]:
+    edges = ["0", *[f"{e:g}" for e in SIGMA_BUCKETS], "inf"]
+    return [f"loss/sigma_{lo}-{hi}" for lo, hi in zip(edges, edges[1:])]
+
+
+def bucket_sums(loss: jax.Array, sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-bucket sums of per-example losses, and counts (aggregated over steps by the loop)."""
+    index = jnp.searchsorted(jnp.asarray(SIGMA_BUCKETS, jnp.float32), sigma.reshape(-1), side="right")
+    one_hot = jax.nn.one_hot(index, len(SIGMA_BUCKETS) + 1, dtype=jnp.float32)
+    return one_hot.T @ loss.reshape(-1).astype(jnp.float32), one_hot.sum(0)
 
 
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
@@ -100,7 +123,17 @@ class Experiment:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """The shape the model generates (whole images, also for stages trained on crops)."""
         size = int(self.config.data.image_size)
+        return (size, size, 3)
+
+    @property
+    def is_sr(self) -> bool:
+        return sr.is_sr(self.config)
+
+    @property
+    def train_shape(self) -> tuple[int, int, int]:
+        size = sr.train_size(self.config)
         return (size, size, 3)
 
     def num_experts(self, phase: int) -> int | None:
@@ -115,8 +148,14 @@ class Experiment:
         return max(len(self.phase_ends) - 1, 0)
 
     def example_cond(self, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes of the conditioning a training step sees (text, and the low-res input of SR)."""
         tokens = self.encoders.tokenize([""] * batch)
-        return jax.eval_shape(self.encoders.encode, self.encoders.params, tokens)
+        cond = jax.eval_shape(self.encoders.encode, self.encoders.params, tokens)
+        if self.is_sr:
+            low = sr.lowres_train_size(self.config)
+            cond["lowres"] = jax.ShapeDtypeStruct((batch, low, low, 3), jnp.float32)
+            cond["aug_level"] = jax.ShapeDtypeStruct((batch,), jnp.float32)
+        return cond
 
 
 def _expert_phases(config: ml_collections.ConfigDict) -> tuple[list[list[experts.Interval]], list[int]]:
@@ -143,8 +182,11 @@ def _expert_phases(config: ml_collections.ConfigDict) -> tuple[list[list[experts
 def build_experiment(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
     """Validates the config and builds everything that does not depend on the workdir."""
     validate_config(config)
-    model = build_model(config.model)
+    sr.check_sr_config(config)
+    # An SR stage is the same UNet with the low-res input path, which follows from config.sr.
+    model = build_model({**config.model.to_dict(), "lowres_cond": sr.is_sr(config)})
     check_image_size(model, int(config.data.image_size))
+    check_image_size(model, sr.train_size(config))
     phases, phase_ends = _expert_phases(config)
     mesh = parallel.make_mesh(config.mesh.to_dict(), devices)
     dp = parallel.data_parallel_size(mesh)
@@ -153,6 +195,10 @@ def build_experiment(config: ml_collections.ConfigDict, devices: list | None = N
             f"config.train.batch_size={config.train.batch_size} is not divisible by the {dp} data-parallel "
             "devices; pick a multiple."
         )
+    accum, share = int(config.train.grad_accum), config.train.batch_size // max(len(p) for p in phases or [[0]])
+    if accum < 1 or share % accum:
+        raise ValueError(f"config.train.grad_accum={accum} must be >= 1 and divide the examples each model (or "
+                         f"expert) gets per step ({share}).")
     encoders = load_text_encoders(config.text)
     tx, schedule = make_optimizer(config.train)
     return Experiment(config, model, encoders, mesh, tx, schedule, phases, phase_ends)
@@ -160,7 +206,7 @@ def build_experiment(config: ml_collections.ConfigDict, devices: list | None = N
 
 def _state_initializer(exp: Experiment, phase: int) -> tuple[Callable[[jax.Array], TrainState], jax.Array]:
     cond = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), exp.example_cond(1))
-    x = jnp.zeros((1, *exp.image_shape), jnp.float32)
+    x = jnp.zeros((1, *exp.train_shape), jnp.float32)
     e = exp.num_experts(phase)
 
     def init(rng: jax.Array) -> TrainState:
@@ -170,25 +216,24 @@ def _state_initializer(exp: Experiment, phase: int) -> tuple[Callable[[jax.Array
         else:  # identical experts: branching from a shared model is a copy
             params = experts.stack_experts([params] * e)
             opt_state = jax.vmap(exp.tx.init)(params)
+        extra = tuple(params for _ in exp.config.train.extra_ema_decays)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=opt_state, rng=rng)
+                          opt_state=opt_state, rng=rng, extra_emas=extra)
 
     return init, jax.random.PRNGKey(int(exp.config.seed))
 
 
 def _shardings_for(exp: Experiment, abstract: TrainState, stacked: bool) -> Any:
-    """Replicated, except that a stacked expert axis is split over an `expert` mesh axis if any."""
-    mesh = exp.mesh
-    rep = parallel.replicated(mesh)
-    n = mesh.shape.get("expert", 1)
+    """Shardings of the whole train state from `config.sharding` (regex rules, FSDP by default).
 
-    def leaf(x: Any) -> Any:
-        if stacked and n > 1 and x.ndim >= 1 and x.shape[0] % n == 0:
-            return NamedSharding(mesh, PartitionSpec("expert"))
-        return rep
-
-    per_expert = jax.tree.map(leaf, (abstract.params, abstract.ema_params, abstract.opt_state))
-    return TrainState(step=rep, params=per_expert[0], ema_params=per_expert[1], opt_state=per_expert[2], rng=rep)
+    Parameters follow the rules; the EMA copy mirrors them and the optimizer state
+    follows its parameters; a stacked expert axis goes on an `expert` mesh axis if any.
+    """
+    config = exp.config
+    return sharding.train_state_shardings(
+        abstract, sharding.rules_from_config(config.sharding.rules), exp.mesh, optimizer=exp.tx,
+        stacked_experts=stacked, min_size=int(config.sharding.fsdp_min_size),
+    )
 
 
 def state_shardings(exp: Experiment, phase: int = 0) -> tuple[TrainState, Any]:
@@ -211,7 +256,8 @@ def branch_state(exp: Experiment, state: TrainState, phase: int) -> tuple[TrainS
     take = lambda tree: jax.tree.map(lambda x: x[parents], tree)
     _, shardings = state_shardings(exp, phase)
     branch = jax.jit(lambda st: st.replace(params=take(st.params), ema_params=take(st.ema_params),
-                                           opt_state=take(st.opt_state)), out_shardings=shardings)
+                                           opt_state=take(st.opt_state), extra_emas=take(st.extra_emas)),
+                     out_shardings=shardings)
     return branch(state), shardings
 
 
@@ -219,33 +265,63 @@ def make_update(exp: Experiment) -> Callable[..., tuple]:
     """The update of one model (or one expert) on its examples: loss, AdamW, EMA.
 
     `update(params, opt_state, ema, images, cond, sigma, noise, dropout_rng, step)` ->
-    (params, opt_state, ema, loss, grad_norm). An ensemble vmaps it over the expert axis.
+    (params, opt_state, ema, loss, grad_norm, per_example_loss). An ensemble vmaps it over
+    the expert axis. With `config.train.grad_accum` = A > 1 the examples are split into A
+    micro-batches whose gradients are averaged (a scan: activation memory of one micro-batch).
     """
     config, model = exp.config, exp.model
     sigma_data = float(config.edm.sigma_data)
+    accum = int(config.train.grad_accum)
+
+    def losses(p: Any, images: jax.Array, cond: Any, sigma: jax.Array, noise: jax.Array, r_dropout: jax.Array):
+        net = lambda xs, c_noise: model.apply({"params": p}, xs, c_noise, cond, train=True, rngs={"dropout": r_dropout})
+        per_example = edm.edm_loss(edm.denoiser_from_network(net, sigma_data), images, sigma, noise, sigma_data)
+        return jnp.mean(per_example), per_example
+
+    grad_fn = jax.value_and_grad(losses, has_aux=True)
 
     def update(params: Any, opt_state: Any, ema: Any, images: jax.Array, cond: Any, sigma: jax.Array,
                noise: jax.Array, r_dropout: jax.Array, step: jax.Array) -> tuple:
-        def loss_fn(p: Any) -> jax.Array:
-            net = lambda xs, c_noise: model.apply({"params": p}, xs, c_noise, cond, train=True,
-                                                  rngs={"dropout": r_dropout})
-            return jnp.mean(edm.edm_loss(edm.denoiser_from_network(net, sigma_data), images, sigma, noise, sigma_data))
+        if accum == 1:
+            (loss, per_example), grads = grad_fn(params, images, cond, sigma, noise, r_dropout)
+        else:
+            micro = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+            xs = (micro(images), jax.tree.map(micro, cond), micro(sigma), micro(noise), jax.random.split(r_dropout, accum))
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+            def body(total: Any, batch: tuple) -> tuple:
+                (_, per), g = grad_fn(params, *batch)
+                return jax.tree.map(jnp.add, total, g), per
+
+            grads, per_example = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), xs)
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            per_example = per_example.reshape(-1)
+            loss = jnp.mean(per_example)
         updates, opt_state = exp.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         decay = ema_decay_at(step, float(config.train.ema_decay))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-        return params, opt_state, ema, loss, optax.global_norm(grads)
+        return params, opt_state, ema, loss, optax.global_norm(grads), per_example
 
     return update
 
 
 def expert_train_map(config: ml_collections.ConfigDict) -> str:
+    """The resolved `config.experts.train_map` ("auto": unroll on CPU, vmap on accelerators)."""
     mode = str(config.experts.train_map)
-    if mode not in ("vmap", "scan"):
-        raise ValueError(f"config.experts.train_map={mode!r}; use 'vmap' or 'scan'.")
+    if mode != "auto" and mode not in EXPERT_TRAIN_MAPS:
+        raise ValueError(f"config.experts.train_map={mode!r}; use 'auto' or one of {EXPERT_TRAIN_MAPS}.")
+    if mode == "auto":
+        return "unroll" if jax.default_backend() == "cpu" else "vmap"
     return mode
+
+
+# How the per-expert update runs over the stacked expert axis, all in one compiled step:
+# "vmap": one batched program (convolutions become grouped convolutions, one group per
+# expert); "unroll": E copies of the update in one program, each an ordinary single-model
+# update on its share of the batch (E times the compile time); "scan": lax.map, one expert
+# after the other inside a loop (least memory). On XLA:CPU grouped convolutions run at
+# about half speed, so "auto" picks unroll there (BENCHMARKS.md) and vmap on TPU/GPU.
+EXPERT_TRAIN_MAPS = ("vmap", "unroll", "scan")
 
 
 def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
@@ -263,19 +339,26 @@ def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, An
     intervals = exp.phases[phase] if exp.phases else None
     update = make_update(exp)
     train_map = expert_train_map(config)
+    aug_max = float(config.sr.aug_max)
+    extra_decays = tuple(float(d) for d in config.train.extra_ema_decays)
+    skip_nonfinite = bool(config.train.skip_nonfinite)
 
     def step_fn(state: TrainState, enc_params: Any, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         images = batch["image"]
         rng = jax.random.fold_in(state.rng, state.step)
         r_sigma, r_noise, r_drop, r_dropout = jax.random.split(rng, 4)
-        text = {k: v for k, v in batch.items() if k != "image"}
+        text = {k: v for k, v in batch.items() if k not in ("image", "lowres")}
         cond = text if "t5" in batch else encoders.encode(enc_params, text)  # "t5": from the text cache
         cond = dropout_conditioning(r_drop, cond, drop_rates)
+        if exp.is_sr:  # noise-conditioning augmentation of the low-res input
+            lowres, aug_level = sr.augment_lowres(jax.random.fold_in(rng, 7), batch["lowres"], aug_max)
+            cond = {**cond, "lowres": lowres, "aug_level": aug_level}
         noise = jax.random.normal(r_noise, images.shape, images.dtype)
         args = (state.params, state.opt_state, state.ema_params)
         if intervals is None:
             sigma = edm.sample_training_sigmas(r_sigma, (images.shape[0],), p_mean, p_std)
-            params, opt_state, ema, loss, grad_norm = update(*args, images, cond, sigma, noise, r_dropout, state.step)
+            params, opt_state, ema, loss, grad_norm, per_example = update(*args, images, cond, sigma, noise,
+                                                                          r_dropout, state.step)
             metrics = {"loss": loss, "grad_norm": grad_norm}
         else:
             e = len(intervals)
@@ -287,13 +370,28 @@ def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, An
                           jax.random.split(r_dropout, e))
             if train_map == "vmap":
                 out = jax.vmap(update, in_axes=(0,) * 8 + (None,))(*per_expert, state.step)
+            elif train_map == "unroll":
+                outs = [update(*jax.tree.map(lambda a: a[k], per_expert), state.step) for k in range(e)]
+                out = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
             else:
                 out = jax.lax.map(lambda xs: update(*xs, state.step), per_expert)
-            params, opt_state, ema, loss, grad_norm = out
+            params, opt_state, ema, loss, grad_norm, per_example = out
             metrics = {"loss": jnp.mean(loss), "grad_norm": jnp.sqrt(jnp.sum(grad_norm ** 2)),
                        **{f"loss/expert_{k}": loss[k] for k in range(e)}}
         metrics["lr"] = exp.schedule(state.step)
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+        metrics["bucket_loss_sum"], metrics["bucket_count"] = bucket_sums(per_example, sigma)
+        extra = []
+        for tracked, decay in zip(state.extra_emas, extra_decays):
+            d = ema_decay_at(state.step, decay)
+            extra.append(jax.tree.map(lambda m, p: d * m + (1.0 - d) * p, tracked, params))
+        extra = tuple(extra)
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                                  extra_emas=extra)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        metrics["nonfinite"] = (~finite).astype(jnp.int32)
+        if skip_nonfinite:  # keep the old weights, optimizer and EMAs; the step still counts
+            kept = state.replace(step=state.step + 1)
+            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
         return new_state, metrics
 
     return step_fn
@@ -327,35 +425,119 @@ def check_checkpoint_kind(saved: Mapping[str, Any] | None, exp: Experiment) -> N
 
 
 def restore_or_init(exp: Experiment, ckpt: Checkpointer) -> tuple[TrainState, Any, int]:
-    """Resumes from the latest checkpoint if there is one (after checking it fits).
+    """Resumes from the newest readable checkpoint if there is one (after checking it fits).
 
-    Returns the state, its shardings and its expert phase.
+    Returns the state, its shardings and its expert phase. A config that does not fit
+    the checkpoint is refused (CheckpointMismatchError) before anything is written; an
+    unreadable latest checkpoint is set aside and the previous one used, with a warning.
     """
-    saved = ckpt.read_meta()
-    check_checkpoint_kind(saved, exp)
-    ckpt.check_compatible(model_meta(exp.config))
     if ckpt.latest_step() is None:
         return (*init_train_state(exp), 0)
-    phase = int(saved.get("progress", {}).get("phase", 0))
-    logs.info(f"Resuming from {ckpt.directory} at step {ckpt.latest_step()}")
-    abstract, shardings = state_shardings(exp, phase)
-    return ckpt.restore(abstract_with_shardings(abstract, shardings)), shardings, phase
+    found: dict[str, Any] = {}
+
+    def abstract_for(saved: dict) -> Any:
+        check_checkpoint_kind(saved, exp)
+        ckpt.check_compatible(model_meta(exp.config), saved)
+        found["phase"] = int(saved.get("progress", {}).get("phase", 0))
+        abstract, found["shardings"] = state_shardings(exp, found["phase"])
+        return abstract_with_shardings(abstract, found["shardings"])
+
+    step, state, _ = ckpt.restore_latest_good(abstract_for)
+    logs.info(f"Resuming from {ckpt.directory} at step {step}")
+    return state, found["shardings"], found["phase"]
+
+
+class PreemptionGuard:
+    """SIGTERM (a preempted TPU/GPU job) sets a flag; the loop then saves and stops cleanly.
+
+    With several processes the flag is agreed on (any process's signal stops all), so
+    every host saves the same step.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "PreemptionGuard":
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def summarize(history: list[dict], first_step: int, skip_nonfinite: bool) -> dict[str, float]:
+    """Means over the logged steps, per-sigma-bucket losses, and the NaN/Inf check.
+
+    Raises FloatingPointError naming the first step whose loss or gradients were not
+    finite, unless those updates were skipped (then they are counted).
+    """
+    host = [jax.device_get(m) for m in history]
+    bad = [first_step + i for i, m in enumerate(host) if int(m["nonfinite"])]
+    if bad and not skip_nonfinite:
+        raise FloatingPointError(
+            f"Loss or gradients became NaN/Inf at step {bad[0]} (loss {float(host[bad[0] - first_step]['loss'])}, "
+            f"grad norm {float(host[bad[0] - first_step]['grad_norm'])}). Lower config.train.lr, check the data, "
+            "or set config.train.skip_nonfinite=True to skip such updates; the last good checkpoint is untouched."
+        )
+    good = [m for m in host if not int(m["nonfinite"])] or host
+    scalars = {k: float(np.mean([m[k] for m in good])) for k in host[0] if np.ndim(host[0][k]) == 0
+               and k != "nonfinite"}
+    sums, counts = np.sum([m["bucket_loss_sum"] for m in good], 0), np.sum([m["bucket_count"] for m in good], 0)
+    for name, total, count in zip(sigma_bucket_names(), sums, counts):
+        if count:
+            scalars[name] = float(total / count)
+    scalars["skipped_nonfinite"] = float(len(bad))
+    return scalars
+
+
+def _flops_and_peak(exp: Experiment, train_step: Callable, args: tuple) -> tuple[float | None, float | None]:
+    """Global FLOPs of one step (XLA's cost analysis of the lowered program, nothing compiled)
+    and the per-device peak: published for TPU/GPU, a measured matmul rate on CPU."""
+    from ediff_jax import flops
+
+    try:
+        step_flops = flops.flops_from_cost_analysis(train_step.lower(*args).cost_analysis())
+    except Exception as e:  # cost analysis is best effort across backends
+        logs.info(f"No FLOP count for MFU ({e}).")
+        return None, None
+    device = jax.devices()[0]
+    peak = flops.device_peak_flops(device)
+    if peak is None and device.platform == "cpu":
+        peak = flops.measure_matmul_peak(size=1024, repeats=3)
+        logs.info(f"CPU matmul peak (measured, float32): {peak / 1e9:.1f} GFLOP/s per device")
+    return step_flops, peak
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, stop_after: int | None = None) -> TrainState:
     """The train loop: data -> step -> logs, checkpoints and sample grids -> final grid.
 
     `stop_after` ends this run early at that step, with a checkpoint (as a preempted job
-    would); rerunning resumes exactly where it stopped.
+    would); rerunning resumes exactly where it stopped. SIGTERM does the same at the
+    step in flight. Only process 0 writes logs, metrics, config and sample grids.
     """
     from ediff_jax.data import pipeline  # deferred: importing TF is slow and notebooks may not need it
 
     workdir = ensure_writable_dir(workdir)
     exp = build_experiment(config)
-    builder = pipeline.get_dataset_builder(config.data.name, config.data.data_dir)
+    builder = pipeline.builder_from_config(config.data)
     ckpt = Checkpointer(workdir, keep=int(config.train.keep_ckpts))
     state, shardings, phase = restore_or_init(exp, ckpt)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    main_process = jax.process_index() == 0
+    if main_process:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     pipeline.prepare(builder)
     text_cache = load_or_build_cache(builder, exp.encoders, config.text) if config.data.text_cache else None
@@ -365,55 +547,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
         builder,
         batch_size=config.train.batch_size // process_count,
         seed=int(config.seed),
-        image_size=int(config.data.image_size),
+        image_size=int(config.data.image_size) if config.data.resize else None,
         start_step=start,
         process_index=jax.process_index(),
         process_count=process_count,
         shuffle_buffer=int(config.data.shuffle_buffer),
+        **_sr_data_args(config),
     )
     train_step = compile_train_step(exp, shardings, phase)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir) if main_process else None
     meta = model_meta(config)
     num_steps = int(config.train.num_steps)
     last = num_steps if stop_after is None else min(num_steps, int(stop_after))
     log_every = int(config.train.log_every)
+    skip_nonfinite = bool(config.train.skip_nonfinite)
+    profile = tuple(int(s) for s in config.train.profile_steps)
+    step_flops = peak = None
 
-    bar = tqdm(total=num_steps, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    bar = tqdm(total=num_steps, initial=start, desc="train", disable=not main_process, dynamic_ncols=True)
     history: list[dict] = []
     t_last, step = time.perf_counter(), start
-    for step in range(start + 1, last + 1):
-        if exp.phase_at(step) != phase:  # expert branching: children start as copies of their parents
-            phase = exp.phase_at(step)
-            state, shardings = branch_state(exp, state, phase)
-            train_step = compile_train_step(exp, shardings, phase)
-            logs.info(f"Step {step}: expert phase {phase}, {exp.num_experts(phase)} experts on "
-                      f"quantile intervals {exp.phases[phase]}")
-        batch = next(data)
-        captions = list(batch["caption"])
-        text = text_cache.lookup(captions) if text_cache else exp.encoders.tokenize(captions)
-        arrays = parallel.shard_batch({"image": batch["image"], **text}, exp.mesh)
-        state, metrics = train_step(state, exp.encoders.params, arrays)
-        history.append(metrics)
-        bar.update(1)
-        if step % log_every == 0 or step == last:
-            scalars = {k: float(np.mean([jax.device_get(m[k]) for m in history])) for k in history[0]}
-            if not np.isfinite(scalars["loss"]):
-                ckpt.close()
-                raise FloatingPointError(
-                    f"Loss became {scalars['loss']} by step {step} (mean over the last {len(history)} steps). "
-                    "Lower config.train.lr or check the data; the last good checkpoint is untouched."
-                )
-            elapsed = time.perf_counter() - t_last
-            scalars["steps_per_sec"] = len(history) / elapsed
-            scalars["images_per_sec"] = len(history) * config.train.batch_size / elapsed
-            writer.write(step, scalars)
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}", sps=f"{scalars['steps_per_sec']:.2f}")
-            history, t_last = [], time.perf_counter()
-        phase_end = step in exp.phase_ends  # always checkpointed: runs resume across phase boundaries
-        if step % int(config.train.ckpt_every) == 0 or step == last or phase_end:
-            ckpt.save(step, state, {**meta, "progress": progress_meta(exp, phase)}, force=step == last or phase_end)
-        if config.train.sample_every and step % int(config.train.sample_every) == 0 and step != num_steps:
-            _write_grid(exp, state, phase, workdir / "samples" / f"step_{step:07d}.png", writer, step)
+    with PreemptionGuard() as preemption:
+        for step in range(start + 1, last + 1):
+            if exp.phase_at(step) != phase:  # expert branching: children start as copies of their parents
+                phase = exp.phase_at(step)
+                state, shardings = branch_state(exp, state, phase)
+                train_step = compile_train_step(exp, shardings, phase)
+                step_flops = None
+                logs.info(f"Step {step}: expert phase {phase}, {exp.num_experts(phase)} experts on "
+                          f"quantile intervals {exp.phases[phase]}")
+            batch = next(data)
+            captions = list(batch["caption"])
+            text = text_cache.lookup(captions) if text_cache else exp.encoders.tokenize(captions)
+            arrays = {"image": batch["image"], **text}
+            if exp.is_sr:
+                arrays["lowres"] = batch["lowres"]
+            arrays = parallel.shard_batch(arrays, exp.mesh)
+            if config.train.log_mfu and step_flops is None:
+                step_flops, peak = _flops_and_peak(exp, train_step, (state, exp.encoders.params, arrays))
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(str(workdir / "profile"))
+            state, metrics = train_step(state, exp.encoders.params, arrays)
+            if profile and step == profile[-1]:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+                logs.info(f"Profile of steps {profile[0]}-{profile[-1]} written to {workdir / 'profile'}")
+            history.append(metrics)
+            bar.update(1)
+            stop = preemption.should_stop()
+            if step % log_every == 0 or step == last or stop:
+                try:
+                    scalars = summarize(history, step - len(history) + 1, skip_nonfinite)
+                except FloatingPointError:
+                    ckpt.close()
+                    raise
+                elapsed = time.perf_counter() - t_last
+                scalars["steps_per_sec"] = len(history) / elapsed
+                scalars["images_per_sec"] = len(history) * config.train.batch_size / elapsed
+                if step_flops and peak:
+                    scalars["mfu"] = step_flops * scalars["steps_per_sec"] / (peak * jax.device_count())
+                if writer:
+                    writer.write(step, scalars)
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", sps=f"{scalars['steps_per_sec']:.2f}")
+                history, t_last = [], time.perf_counter()
+            phase_end = step in exp.phase_ends  # always checkpointed: runs resume across phase boundaries
+            if step % int(config.train.ckpt_every) == 0 or step == last or phase_end or stop:
+                ckpt.save(step, state, {**meta, "progress": progress_meta(exp, phase)},
+                          force=step == last or phase_end or stop)
+            if stop:
+                logs.info(f"SIGTERM: saved step {step} to {ckpt.directory}; rerun the same command to resume.")
+                last = step
+                break
+            if config.train.sample_every and step % int(config.train.sample_every) == 0 and step != num_steps:
+                _write_grid(exp, state, phase, workdir / "samples" / f"step_{step:07d}.png", writer, step)
     bar.close()
     ckpt.wait()
     if last == num_steps and (num_steps > start or not (workdir / "samples" / "final.png").exists()):
@@ -422,20 +628,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     return state
 
 
+def _sr_data_args(config: ml_collections.ConfigDict) -> dict:
+    """Input-pipeline arguments of an SR stage: crops, the low-res size, degradations."""
+    if not sr.is_sr(config):
+        return {}
+    return {"crop_size": int(config.sr.crop_size) or None, "lowres_size": sr.lowres_train_size(config),
+            "degradation": sr.degradation_config(config)}
+
+
+def _sr_grid_inputs(exp: Experiment, count: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Captions, clean low-res inputs and originals of the first `count` validation images."""
+    from ediff_jax.data import pipeline
+
+    config = exp.config
+    builder = pipeline.builder_from_config(config.data)
+    size = int(config.data.image_size)
+    batch = next(pipeline.make_eval_iterator(builder, batch_size=count, center_crop=size,
+                                             image_size=size if config.data.resize else None,
+                                             lowres_size=int(config.sr.lowres_size)))
+    return [str(c) for c in batch["caption"]], batch["lowres"], batch["image"]
+
+
 def _write_grid(exp: Experiment, state: TrainState, phase: int, path: Path, writer: MetricWriter, step: int) -> None:
-    """Samples `config.sample.prompts` with the EMA weights (the whole ensemble); a row per prompt."""
+    """Samples with the EMA weights (the whole ensemble).
+
+    A base model: `config.sample.prompts`, a row per prompt. An SR stage: validation
+    images, a row each of [low-res input (upsampled) | samples | original].
+    """
+    from ediff_jax.images import to_uint8
     from ediff_jax.sampling import Sampler
 
-    if jax.process_index() != 0:
-        return
     config = exp.config
+    if jax.process_index() != 0 or not config.sample.prompts:  # no prompts: no grids
+        return
     boundaries = progress_meta(exp, phase).get("boundaries")
     sampler = Sampler(exp.model, exp.encoders, image_size=int(config.data.image_size), steps=int(config.sample.steps),
-                      sampler=config.sample.sampler, sigma_data=float(config.edm.sigma_data), boundaries=boundaries)
-    prompts = list(config.sample.prompts)
+                      sampler=config.sample.sampler, sigma_data=float(config.edm.sigma_data), boundaries=boundaries,
+                      lowres_factor=sr.scale_factor(config))
     num = int(config.sample.num_per_prompt)
-    images = sampler(state.ema_params, [p for p in prompts for _ in range(num)], guidance=float(config.sample.guidance),
-                     seed=int(config.seed))
+    if exp.is_sr:
+        prompts, lowres, originals = _sr_grid_inputs(exp, len(config.sample.prompts))
+        images = sampler(state.ema_params, [p for p in prompts for _ in range(num)],
+                         guidance=float(config.sample.guidance), seed=int(config.seed),
+                         lowres=np.repeat(lowres, num, axis=0), aug_level=float(config.sr.aug_level))
+        size = images.shape[1]
+        up = to_uint8(jax.image.resize(jnp.asarray(lowres), (len(prompts), size, size, 3), "nearest"))
+        rows = np.concatenate([up[:, None], images.reshape(len(prompts), num, *images.shape[1:]),
+                               to_uint8(originals)[:, None]], axis=1)
+        images, num = rows.reshape(-1, *rows.shape[2:]), num + 2
+    else:
+        prompts = list(config.sample.prompts)
+        images = sampler(state.ema_params, [p for p in prompts for _ in range(num)],
+                         guidance=float(config.sample.guidance), seed=int(config.seed))
     grid = make_grid(images, cols=num)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(grid, path, upscale=max(1, 128 // images.shape[1]))

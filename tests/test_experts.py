@@ -191,8 +191,8 @@ def test_run_stopped_at_phase_boundary_resumes_exactly(ensemble_workdir, tmp_pat
 
 
 @pytest.mark.slow
-def test_vmap_and_scan_expert_steps_agree(exp2):
-    """`experts.train_map`: the vmapped step (accelerators) and the lax.map step (CPU) are the same math."""
+def test_vmap_unroll_and_scan_expert_steps_agree(exp2):
+    """`experts.train_map`: the vmapped, unrolled and lax.map steps are the same math."""
     import dataclasses
 
     import optax
@@ -203,12 +203,13 @@ def test_vmap_and_scan_expert_steps_agree(exp2):
     tokens = exp2.encoders.tokenize(["a red circle", "a blue square"] * 2)
     batch = {"image": jax.random.uniform(jax.random.key(7), (4, 32, 32, 3), minval=-1, maxval=1), **tokens}
     out = {}
-    for mode in ("vmap", "scan"):
+    for mode in ("vmap", "unroll", "scan"):
         cfg = exp2.config.copy_and_resolve_references()
         cfg.experts.train_map = mode
         exp = dataclasses.replace(sgd, config=cfg)
         st = jax.tree.map(jnp.copy, state)
         out[mode] = jax.jit(trainer.make_train_step(exp, 1))(st, exp.encoders.params, batch)
-    np.testing.assert_allclose(out["vmap"][1]["loss"], out["scan"][1]["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 out["vmap"][0].params, out["scan"][0].params)
+    for mode in ("unroll", "scan"):
+        np.testing.assert_allclose(out["vmap"][1]["loss"], out[mode][1]["loss"], rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     out["vmap"][0].params, out[mode][0].params)

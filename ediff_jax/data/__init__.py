@@ -1,8 +1,10 @@
-"""Data: the ``ediff_shapes`` dataset and the tf.data input pipeline.
+"""Data: the ``ediff_shapes`` dataset, real photos, captioned image folders, SR
+degradations and the tf.data input pipeline.
 
-Scene logic (``shapes``) is numpy-only and imported eagerly; the TFDS builder and the
-pipeline import TensorFlow, so they load lazily on first attribute access. That keeps
-``from ediff_jax.data import shapes`` (used to score generated images) free of TF.
+Scene logic (``shapes``) is numpy-only and imported eagerly; the TFDS builders, the
+degradations and the pipeline import TensorFlow, so they load lazily on first attribute
+access. That keeps ``from ediff_jax.data import shapes`` (used to score generated images)
+free of TF.
 """
 
 from __future__ import annotations
@@ -38,6 +40,20 @@ _LAZY = {
     "prepare": "ediff_jax.data.pipeline",
     "shapes_config_names": "ediff_jax.data.pipeline",
     "describe": "ediff_jax.data.pipeline",
+    "DEFAULT_DEGRADATION": "ediff_jax.data.degradations",
+    "RESIZE_METHODS": "ediff_jax.data.degradations",
+    "degrade": "ediff_jax.data.degradations",
+    "validate_degradation": "ediff_jax.data.degradations",
+    "EdiffPhotos": "ediff_jax.data.photos",
+    "PHOTOS": "ediff_jax.data.photos",
+    "TRAIN_PHOTOS": "ediff_jax.data.photos",
+    "HELDOUT_PHOTOS": "ediff_jax.data.photos",
+    "load_photo": "ediff_jax.data.photos",
+    "photo_caption": "ediff_jax.data.photos",
+    "EdiffImageFolder": "ediff_jax.data.image_folder",
+    "EdiffImageFolderConfig": "ediff_jax.data.image_folder",
+    "make_image_folder_builder": "ediff_jax.data.image_folder",
+    "scan_folder": "ediff_jax.data.image_folder",
 }
 
 __all__ = [

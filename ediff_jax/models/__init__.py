@@ -25,7 +25,7 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ValueError(f"config.model has keys {unknown} that {cls.__name__} does not take; valid keys: {sorted(fields)}.")
-    for key in ("channel_mult", "attn_resolutions", "cross_attn_resolutions"):
+    for key in ("channel_mult", "attn_resolutions", "cross_attn_resolutions", "attn_levels", "cross_attn_levels"):
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
     if isinstance(kwargs.get("num_res_blocks"), (list, tuple)):

@@ -62,8 +62,14 @@ class UNet(nn.Module):
       num_res_blocks: an int, or one int per level (Imagen's efficient UNet puts more
         blocks at low resolution and fewer at high).
       attn_resolutions / cross_attn_resolutions: feature-map sizes (in pixels) that get
-        self-attention / cross-attention. The 1024 SR stage uses no self-attention.
-      lowres_cond: if True, `lowres` and `aug_level` must be given (SR stages).
+        self-attention / cross-attention.
+      attn_levels / cross_attn_levels: the same by level index (0 = full resolution).
+        A stage trained on crops and run on whole images (eDiff-I's 1024 stage: 256 crops,
+        1024 inference) must place attention by level, since its feature maps change size.
+      mid_self_attn: self-attention in the middle block; the 1024 SR stage has none.
+      lowres_cond: if True, `lowres` and `aug_level` must be given (SR stages), as keyword
+        arguments or as cond["lowres"] / cond["aug_level"] (which is how the samplers,
+        guidance and MultiDiffusion pass them along with the text).
       pww_mode: paint-with-words statistic of QK^T scaling the bias, "max" (eDiff-I) or "std".
     """
 
@@ -73,6 +79,9 @@ class UNet(nn.Module):
     num_res_blocks: int | Sequence[int] = 2
     attn_resolutions: Sequence[int] = (16, 8)
     cross_attn_resolutions: Sequence[int] = (16, 8)
+    attn_levels: Sequence[int] = ()
+    cross_attn_levels: Sequence[int] = ()
+    mid_self_attn: bool = True
     num_heads: int = 4
     context_dim: int = 128
     emb_mult: int = 4
@@ -171,9 +180,13 @@ class UNet(nn.Module):
         if "clip_pooled" in cond:
             emb = emb + nn.Dense(emb_dim, dtype=dtype, name="pooled_proj")(cond["clip_pooled"])
 
+        lowres = cond.get("lowres") if lowres is None else lowres
+        aug_level = cond.get("aug_level") if aug_level is None else aug_level
         if self.lowres_cond:
             if lowres is None or aug_level is None:
-                raise ValueError("This UNet is a super-resolution stage: pass `lowres` and `aug_level`.")
+                raise ValueError("This UNet is a super-resolution stage: pass `lowres` and `aug_level` "
+                                 "(keyword arguments or cond keys).")
+            chex.assert_rank(lowres, 4)
             chex.assert_shape(aug_level, (batch,))
             up = jax.image.resize(lowres, (batch, height, width, lowres.shape[-1]), method="bilinear")
             x = jnp.concatenate([x, up.astype(x.dtype)], axis=-1)
@@ -186,11 +199,11 @@ class UNet(nn.Module):
         pww = self._paint_with_words(cond, c_noise, context_mask)
         res_block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
 
-        def attend(h: jax.Array, prefix: str) -> jax.Array:
+        def attend(h: jax.Array, prefix: str, level: int) -> jax.Array:
             res = h.shape[1]
-            if res in self.attn_resolutions:
+            if res in self.attn_resolutions or level in self.attn_levels:
                 h = SelfAttentionBlock(self.num_heads, dtype=dtype, name=f"{prefix}_self_attn")(h)
-            if res in self.cross_attn_resolutions:
+            if res in self.cross_attn_resolutions or level in self.cross_attn_levels:
                 h = CrossAttentionBlock(self.num_heads, dtype=dtype, name=f"{prefix}_cross_attn")(
                     h, context, context_mask, bias_fn=pww(h.shape[1], h.shape[2]) if pww else None
                 )
@@ -202,7 +215,7 @@ class UNet(nn.Module):
         for level, mult in enumerate(self.channel_mult):
             for i in range(blocks[level]):
                 h = res_block(self.channels * mult, self.dropout, dtype, name=f"down_{level}_{i}")(h, emb, train)
-                h = attend(h, f"down_{level}_{i}")
+                h = attend(h, f"down_{level}_{i}", level)
                 skips.append(h)
             if level != len(self.channel_mult) - 1:
                 h = Downsample(dtype=dtype, name=f"downsample_{level}")(h)
@@ -210,7 +223,8 @@ class UNet(nn.Module):
 
         mid_channels = self.channels * self.channel_mult[-1]
         h = res_block(mid_channels, self.dropout, dtype, name="mid_0")(h, emb, train)
-        h = SelfAttentionBlock(self.num_heads, dtype=dtype, name="mid_self_attn")(h)
+        if self.mid_self_attn:
+            h = SelfAttentionBlock(self.num_heads, dtype=dtype, name="mid_self_attn")(h)
         h = CrossAttentionBlock(self.num_heads, dtype=dtype, name="mid_cross_attn")(
             h, context, context_mask, bias_fn=pww(h.shape[1], h.shape[2]) if pww else None
         )
@@ -220,7 +234,7 @@ class UNet(nn.Module):
             for i in range(blocks[level] + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = res_block(self.channels * mult, self.dropout, dtype, name=f"up_{level}_{i}")(h, emb, train)
-                h = attend(h, f"up_{level}_{i}")
+                h = attend(h, f"up_{level}_{i}", level)
             if level != 0:
                 h = Upsample(dtype=dtype, name=f"upsample_{level}")(h)
 

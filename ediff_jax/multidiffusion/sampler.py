@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ediff_jax import edm
+from ediff_jax import edm, sr
 from ediff_jax.images import ensure_writable_dir, to_uint8
-from ediff_jax.multidiffusion.denoiser import check_chunk_size, multidiffusion_denoiser
+from ediff_jax.multidiffusion.denoiser import check_chunk_size, multidiffusion_denoiser, tiled_denoiser
 from ediff_jax.multidiffusion.regions import bootstrap_sigma, check_bootstrap_fraction, check_masks, region_denoiser
-from ediff_jax.multidiffusion.views import Tiling
-from ediff_jax.sampling import SAMPLERS, check_sampler_args, load_workdir, make_model_fn, read_workdir_config, write_samples
+from ediff_jax.multidiffusion.views import Tiling, crop, wrap_canvas
+from ediff_jax.sampling import SAMPLERS, check_base_workdir, check_sampler_args, load_workdir, make_model_fn, read_workdir_config, write_samples
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
 Region = tuple[str, Any]  # (prompt, mask [H, W] in [0, 1] or a path to a PNG)
@@ -33,8 +33,30 @@ def default_stride(window: int) -> int:
     return max(1, window // 4)
 
 
+def sr_tiling(height: int, width: int, window: int, stride: int | None, circular: bool, factor: int) -> tuple[Tiling, Tiling]:
+    """(canvas tiling, low-res tiling) of an SR stage: the same views, the low-res one f times smaller.
+
+    Views must land on whole low-res pixels, so the canvas, window and stride are
+    multiples of the factor; building the canvas tiling as `low.scaled(f)` makes the two
+    agree view for view.
+    """
+    stride = default_stride(window) if stride is None else stride
+    for name, value in (("height", height), ("width", width), ("window (the stage's image size)", window),
+                        ("stride", stride)):
+        if value % factor:
+            raise ValueError(f"SR tiles: the canvas {name}={value} must be a multiple of the stage's upsampling "
+                             f"factor {factor}, so every tile has a whole low-res crop.")
+    low = Tiling(height // factor, width // factor, window // factor, stride // factor, circular)
+    return low.scaled(factor), low
+
+
 class MultiDiffusionSampler:
-    """Samples canvases of height x width with a model trained at image_size x image_size."""
+    """Samples canvases of height x width with a model trained at image_size x image_size.
+
+    An SR stage (`lowres_factor` > 1, a UNet with `lowres_cond`) is tiled the same way:
+    each tile sees its own crop of the low-res canvas, so a base panorama goes through
+    the cascade as MultiDiffusion tiles at SR resolution.
+    """
 
     def __init__(
         self,
@@ -55,25 +77,42 @@ class MultiDiffusionSampler:
         bootstrap_fraction: float = 0.2,
         progress: bool = False,
         boundaries: Any = None,
+        lowres_factor: int = 1,
     ):
         """`boundaries`: sigma boundaries of a stacked expert ensemble (`params` stacked), else None."""
         check_sampler_args(sampler, steps)
         check_chunk_size(chunk_size)
         self.encoders = encoders
-        stride = default_stride(image_size) if stride is None else stride
-        self.tiling = tiling = Tiling(height, width, image_size, stride, circular)
+        self.is_sr, self.lowres_factor = bool(getattr(model, "lowres_cond", False)), int(lowres_factor)
+        if self.is_sr:
+            self.tiling, low_tiling = sr_tiling(height, width, image_size, stride, circular, self.lowres_factor)
+        else:
+            stride = default_stride(image_size) if stride is None else stride
+            self.tiling = Tiling(height, width, image_size, stride, circular)
+        tiling = self.tiling
         self.sigmas = sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max)
         self.bootstrap_above = bootstrap_sigma(np.asarray(sigmas), bootstrap_fraction)
         sample_fn = SAMPLERS[sampler]
 
         def run(params: Any, enc_params: Any, tokens: Any, region_tokens: Any, masks: jax.Array, rng: jax.Array,
-                guidance: jax.Array, use_t5: bool, use_clip: bool) -> jax.Array:
+                guidance: jax.Array, lowres: Any, aug_level: Any, use_t5: bool, use_clip: bool) -> jax.Array:
             cond = select_encoders(encoders.encode(enc_params, tokens), use_t5, use_clip)
             batch, num_regions = tokens["t5_ids"].shape[0], masks.shape[0]
             if num_regions:  # prompt-major batch: [background x B, region 1 x B, ...]
                 rcond = select_encoders(encoders.encode(enc_params, region_tokens), use_t5, use_clip)
                 cond = jax.tree.map(lambda c, r: jnp.concatenate([c, jnp.repeat(r, batch, axis=0)]), cond, rcond)
             model_fn = make_model_fn(model, params, sigma_data, boundaries)
+            if self.is_sr:  # each tile conditions on its own crop of the (noise-augmented) low-res canvas
+                low = wrap_canvas(sr.noise_lowres(jax.random.fold_in(rng, 2), lowres, aug_level), low_tiling)
+                f = self.lowres_factor
+
+                def view_fn(xc: jax.Array, sigma: jax.Array, view: jax.Array) -> jax.Array:
+                    c = {**cond, "lowres": crop(low, view // f, low_tiling), "aug_level": aug_level}
+                    return edm.guided_denoiser(model_fn, c, unconditional(c), guidance)(xc, sigma)
+
+                denoise = tiled_denoiser(view_fn, tiling, chunk_size=chunk_size)
+                x = jax.random.normal(rng, (batch, tiling.height, tiling.width, 3)) * sigmas[0]
+                return sample_fn(denoise, x, sigmas, progress=progress)
             base = edm.guided_denoiser(model_fn, cond, unconditional(cond), guidance)
             if num_regions:
                 denoise = region_denoiser(base, tiling, masks, rng=jax.random.fold_in(rng, 1),
@@ -87,20 +126,31 @@ class MultiDiffusionSampler:
         self._run = jax.jit(run, static_argnames=("use_t5", "use_clip"))
 
     def __call__(self, params: Any, prompts: Sequence[str], *, regions: Sequence[Region] = (), guidance: float = 3.0,
-                 seed: int = 0, use_t5: bool = True, use_clip: bool = True) -> np.ndarray:
+                 seed: int = 0, use_t5: bool = True, use_clip: bool = True, lowres: Any = None,
+                 aug_level: float = 0.0) -> np.ndarray:
         """One canvas per prompt (its background prompt when `regions` are given); uint8 [N, H, W, 3].
 
         `regions` are (prompt, mask) pairs shared by all canvases; masks are [H, W] in [0, 1].
+        An SR stage takes `lowres` [N, H/f, W/f, 3] (uint8 or [-1, 1]) and `aug_level`.
         """
         prompts = list(prompts)
         if not prompts:
             raise ValueError("Give at least one prompt.")
+        low, level = None, None
+        if self.is_sr:
+            if lowres is None or regions:
+                raise ValueError("An SR stage on a canvas takes `lowres` (the previous stage's canvases) and no regions.")
+            sr.check_lowres_shape(lowres, len(prompts), self.tiling.height, self.tiling.width, self.lowres_factor)
+            low, level = jnp.asarray(sr.lowres_to_model(lowres)), jnp.full((len(prompts),), aug_level, jnp.float32)
+        elif lowres is not None:
+            raise ValueError("`lowres` was given, but this model is a base (text-to-image) model, not an SR stage.")
         region_prompts = [str(p) for p, _ in regions]
         masks = check_masks([m for _, m in regions], self.tiling.height, self.tiling.width, region_prompts)
         tokens = self.encoders.tokenize(prompts)
         region_tokens = self.encoders.tokenize(region_prompts) if region_prompts else None
         images = self._run(params, self.encoders.params, tokens, region_tokens, jnp.asarray(masks),
-                           jax.random.PRNGKey(seed), jnp.float32(guidance), use_t5=use_t5, use_clip=use_clip)
+                           jax.random.PRNGKey(seed), jnp.float32(guidance), low, level, use_t5=use_t5,
+                           use_clip=use_clip)
         return to_uint8(jax.device_get(images))
 
 
@@ -142,6 +192,7 @@ def sample_canvas_from_workdir(
     chunk_size: int | None = None,
     bootstrap_fraction: float = 0.2,
     progress: bool = True,
+    ema_decay: float | None = None,
 ) -> np.ndarray:
     """Writes one PNG per canvas and `grid.png` to `out`; returns uint8 [len(prompts) * num, H, W, 3].
 
@@ -151,6 +202,7 @@ def sample_canvas_from_workdir(
     if not prompts:
         raise ValueError("Give at least one prompt.")
     workdir = Path(workdir).expanduser()
+    check_base_workdir(workdir)
     size = int(read_workdir_config(workdir).data.image_size)
     height, width = size if height is None else height, size if width is None else width
     # Geometry and mask errors surface here, before the checkpoint is loaded.
@@ -160,7 +212,7 @@ def sample_canvas_from_workdir(
     regions = [(p, load_mask(m, height, width) if isinstance(m, (str, Path)) else m) for p, m in regions]
     check_masks([m for _, m in regions], height, width, [p for p, _ in regions])
     out = ensure_writable_dir(out or workdir / "samples")
-    config, exp, ema_params = load_workdir(workdir)
+    config, exp, ema_params = load_workdir(workdir, ema_decay=ema_decay)
     sample = MultiDiffusionSampler(
         exp.model, exp.encoders, image_size=size, height=height, width=width, stride=stride, circular=circular,
         steps=steps or int(config.sample.steps), sampler=sampler or config.sample.sampler,

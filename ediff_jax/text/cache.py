@@ -122,7 +122,7 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--data_dir", default=None, help="TFDS data_dir (default: the config's).")
     args = parser.parse_args(argv)
     config = load_config(args.config)
-    builder = pipeline.prepare(pipeline.get_dataset_builder(config.data.name, args.data_dir or config.data.data_dir))
+    builder = pipeline.prepare(pipeline.builder_from_config(config.data, data_dir=args.data_dir or config.data.data_dir))
     build_cache(builder, load_text_encoders(config.text), config.text)
 
 

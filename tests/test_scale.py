@@ -1,0 +1,220 @@
+"""Scale-out training: FSDP equals one device, multi-host equals one process, preemption loses
+nothing, corrupt checkpoints fall back, NaN handling, extra EMAs, gradient accumulation."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ediff_jax import distributed, parallel, trainer
+from ediff_jax.config_utils import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(data_dir: str, **train):
+    c = load_config(str(REPO / "configs/base64.py:size=tiny"))
+    c.data.data_dir = data_dir
+    c.model.channel_mult, c.model.attn_resolutions, c.model.cross_attn_resolutions = (1,), (), (32,)
+    c.train.update(dict(num_steps=4, ckpt_every=100, lr=2e-3, warmup_steps=1, log_every=1, log_mfu=False, **train))
+    c.sample.prompts = ()
+    return c
+
+
+def fixed_batch(exp, n: int = 8) -> dict:
+    rng = np.random.default_rng(0)
+    return {"image": rng.uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32),
+            **exp.encoders.tokenize(["a red circle", "a blue square"] * (n // 2))}
+
+
+def run_steps(exp, batch: dict, steps: int = 2):
+    state, shardings = trainer.init_train_state(exp)
+    step = trainer.compile_train_step(exp, shardings)
+    arrays = parallel.shard_batch(batch, exp.mesh)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, exp.encoders.params, arrays)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_fsdp_on_8_devices_equals_one_device(shapes_data_dir):
+    """Same seed, same batch: data x FSDP on 8 devices gives one device's losses and parameters,
+    and the FSDP-ruled tensors really are split (each device holds a quarter)."""
+    one = tiny(shapes_data_dir)
+    one.mesh.data = 1
+    exp1 = trainer.build_experiment(one, jax.devices()[:1])
+    sharded = tiny(shapes_data_dir)
+    sharded.mesh.data, sharded.mesh.fsdp = 2, 4
+    sharded.sharding.fsdp_min_size = 64
+    exp8 = trainer.build_experiment(sharded)
+    batch = fixed_batch(exp1)
+    state1, loss1 = run_steps(exp1, batch)
+    state8, loss8 = run_steps(exp8, batch)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), state8.params, state1.params)
+
+    kernel = state8.params["down_0_0"]["conv1"]["kernel"]
+    assert "fsdp" in str(kernel.sharding.spec)
+    shard = kernel.addressable_shards[0].data.shape
+    assert np.prod(shard) * 4 == np.prod(kernel.shape)
+    mu = jax.tree.leaves(state8.opt_state[1][0].mu)  # adam's first moment follows its parameter
+    assert any("fsdp" in str(m.sharding.spec) for m in mu)
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import jax
+    from ediff_jax import distributed, parallel, trainer
+    sys.path.insert(0, {tests!r})
+    from test_scale import tiny, fixed_batch
+    distributed.initialize()
+    config = tiny({data_dir!r})
+    exp = trainer.build_experiment(config)
+    batch = fixed_batch(exp)
+    per = 8 // jax.process_count()
+    local = jax.tree.map(lambda x: x[jax.process_index() * per:(jax.process_index() + 1) * per], batch)
+    state, shardings = trainer.init_train_state(exp)
+    step = trainer.compile_train_step(exp, shardings)
+    arrays = parallel.shard_batch(local, exp.mesh)
+    for _ in range(2):
+        state, metrics = step(state, exp.encoders.params, arrays)
+    params = jax.tree.map(lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x)), state.params)
+    if jax.process_index() == 0:
+        np.savez({out!r}, **{{jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}})
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(shapes_data_dir, tmp_path):
+    """2 processes x 2 devices on localhost (jax.distributed, gloo), each feeding its half of the
+    global batch, end with the parameters of one process on 4 devices."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(REPO / "tests"), data_dir=shapes_data_dir, out=str(tmp_path / "two.npz")))
+    distributed.launch_local_processes([str(script)], num_processes=2, devices_per_process=2, timeout=300,
+                                       cwd=str(REPO))
+    exp = trainer.build_experiment(tiny(shapes_data_dir), jax.devices()[:4])
+    state, _ = run_steps(exp, fixed_batch(exp))
+    two = np.load(tmp_path / "two.npz")
+    for path, value in jax.tree_util.tree_leaves_with_path(state.params):
+        np.testing.assert_allclose(two[jax.tree_util.keystr(path)], np.asarray(value), rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_is_bitwise_identical(shapes_data_dir, tmp_path):
+    """A run killed by SIGTERM mid-training saves the step in flight; resumed, it ends bitwise
+    identical to an uninterrupted run."""
+    config = tiny(shapes_data_dir, num_steps=8)
+    config_json = tmp_path / "config.json"
+    config_json.write_text(config.to_json_best_effort())
+    workdir = tmp_path / "preempted"
+    driver = textwrap.dedent(f"""
+        from ediff_jax import trainer
+        from ediff_jax.config_utils import config_from_json
+        trainer.train_and_evaluate(config_from_json(open({str(config_json)!r}).read()), {str(workdir)!r})
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert "SIGTERM: saved step" in output
+    from ediff_jax.checkpoints import Checkpointer
+
+    stopped_at = Checkpointer(workdir, async_save=False).latest_step()
+    assert 2 <= stopped_at < 8, output
+    resumed = trainer.train_and_evaluate(config, workdir)
+    straight = trainer.train_and_evaluate(config, tmp_path / "straight")
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+    jax.tree.map(np.testing.assert_array_equal, resumed.ema_params, straight.ema_params)
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_warning(shapes_data_dir, tmp_path):
+    """An unreadable latest checkpoint is moved aside (kept) and the previous one resumed."""
+    config = tiny(shapes_data_dir, num_steps=4, ckpt_every=2)
+    trainer.train_and_evaluate(config, tmp_path, stop_after=4)
+    ckpt_dir = tmp_path / "checkpoints"
+    for f in (ckpt_dir / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"\0" * 7)  # truncated garbage
+    from ediff_jax.checkpoints import Checkpointer
+
+    config.train.num_steps = 4
+    with pytest.warns(UserWarning, match="step 4 .* could not be read"):
+        step, _, _ = Checkpointer(tmp_path, async_save=False).restore_latest_good(
+            lambda meta: trainer.abstract_with_shardings(*trainer.state_shardings(trainer.build_experiment(config))))
+    assert step == 2
+    assert (ckpt_dir / "unreadable_4").is_dir()  # nothing the user had is deleted
+
+
+def test_nonfinite_loss_names_the_step_or_is_skipped(shapes_data_dir, tmp_path):
+    """A NaN batch stops the run naming its step; with skip_nonfinite the update is skipped."""
+    exp = trainer.build_experiment(tiny(shapes_data_dir))
+    batch = fixed_batch(exp)
+    history = []
+    state, shardings = trainer.init_train_state(exp)
+    step = trainer.compile_train_step(exp, shardings)
+    bad = {**batch, "image": np.full_like(batch["image"], np.nan)}
+    for b in (batch, bad):
+        state, metrics = step(state, exp.encoders.params, parallel.shard_batch(b, exp.mesh))
+        history.append(metrics)
+    with pytest.raises(FloatingPointError, match="at step 11"):
+        trainer.summarize(history, 10, skip_nonfinite=False)
+
+    skipping = tiny(shapes_data_dir, skip_nonfinite=True)
+    exp = trainer.build_experiment(skipping)
+    state, shardings = trainer.init_train_state(exp)
+    step = trainer.compile_train_step(exp, shardings)
+    before = jax.tree.map(np.array, state.params)
+    state, metrics = step(state, exp.encoders.params, parallel.shard_batch(bad, exp.mesh))
+    jax.tree.map(np.testing.assert_array_equal, state.params, before)
+    assert int(state.step) == 1
+    assert trainer.summarize([metrics], 1, skip_nonfinite=True)["skipped_nonfinite"] == 1
+
+
+def test_grad_accumulation_and_extra_emas(shapes_data_dir):
+    """grad_accum=2 gives the same update as one full batch (SGD: linear in the gradient), and
+    each extra EMA follows its own decay."""
+    import dataclasses
+
+    import optax
+
+    sgd = optax.sgd(1.0)
+    base = tiny(shapes_data_dir, extra_ema_decays=(0.5,), ema_decay=0.9)
+    base.text.drop_rates = {"t5": 0.0, "clip": 0.0}
+    exp1 = dataclasses.replace(trainer.build_experiment(base), tx=sgd)
+    accum = base.copy_and_resolve_references()
+    accum.train.grad_accum = 2
+    exp2 = dataclasses.replace(trainer.build_experiment(accum), tx=sgd)
+    batch = parallel.shard_batch(fixed_batch(exp1), exp1.mesh)
+    state, _ = trainer.init_train_state(exp1)
+    p0 = jax.tree.map(np.array, state.params)
+    out1 = jax.jit(trainer.make_train_step(exp1))(jax.tree.map(jnp.copy, state), exp1.encoders.params, batch)
+    out2 = jax.jit(trainer.make_train_step(exp2))(jax.tree.map(jnp.copy, state), exp2.encoders.params, batch)
+    np.testing.assert_allclose(out1[1]["loss"], out2[1]["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out1[0].params, out2[0].params)
+    new = out1[0]
+    d_main = float(trainer.ema_decay_at(jnp.int32(0), 0.9))
+    d_extra = float(trainer.ema_decay_at(jnp.int32(0), 0.5))
+    jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, d_main * a + (1 - d_main) * b, rtol=1e-5, atol=1e-7),
+                 new.ema_params, p0, new.params)
+    jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, d_extra * a + (1 - d_extra) * b, rtol=1e-5, atol=1e-7),
+                 new.extra_emas[0], p0, new.params)
+    sigma_keys = trainer.summarize([out1[1]], 1, False)
+    assert any(k.startswith("loss/sigma_") for k in sigma_keys)

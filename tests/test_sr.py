@@ -1,0 +1,164 @@
+"""Super-resolution stages and the cascade: shapes, crops, noise augmentation, chaining, bad input.
+
+One module-scoped fixture trains three tiny workdirs for one step each (a 16x16 base,
+an SR stage 16 -> 32, and a 1024-style stage 32 -> 64 trained on 32x32 crops), which the
+tests then sample from.
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ediff_jax import sr, trainer
+from ediff_jax.cascade import StageSettings, check_chain, read_stages, run_cascade, sample_cascade_from_workdirs
+from ediff_jax.config_utils import load_config
+from ediff_jax.sampling import Sampler, sample_from_workdir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny(spec: str, data_dir: str):
+    c = load_config(str(REPO / spec))
+    c.data.data_dir = data_dir
+    c.train.num_steps = 1
+    c.train.batch_size = 8
+    c.sample.steps = 2
+    c.sample.num_per_prompt = 1
+    c.sample.prompts = ("a red circle",)
+    return c
+
+
+@pytest.fixture(scope="module")
+def configs(shapes_data_dir):
+    base = _tiny("configs/base64.py:size=tiny", shapes_data_dir)
+    base.data.image_size = 16
+    base.sample.prompts = ()  # no grid: the cascade test samples it
+    return {"base": base, "sr32": _tiny("configs/sr.py:stage=256,size=tiny", shapes_data_dir),
+            "sr64": _tiny("configs/sr.py:stage=1024,size=tiny", shapes_data_dir)}
+
+
+@pytest.fixture(scope="module")
+def workdirs(configs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cascade")
+    out = {}
+    for name, config in configs.items():
+        out[name] = root / name
+        trainer.train_and_evaluate(config, out[name])
+    return out
+
+
+def test_aug_level_zero_leaves_lowres_unchanged():
+    """Noise-conditioning augmentation: level 0 is the identity; level s adds noise of std s."""
+    lowres = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 3), minval=-1, maxval=1)
+    same = sr.noise_lowres(jax.random.PRNGKey(1), lowres, jnp.zeros((4,)))
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(lowres))
+    noisy = sr.noise_lowres(jax.random.PRNGKey(1), lowres, jnp.asarray([0.0, 0.1, 0.5, 1.0]))
+    stds = np.std(np.asarray(noisy - lowres).reshape(4, -1), axis=1)
+    np.testing.assert_allclose(stds, [0.0, 0.1, 0.5, 1.0], rtol=0.15, atol=1e-7)
+    augmented, level = sr.augment_lowres(jax.random.PRNGKey(2), lowres, 0.3)
+    assert level.shape == (4,) and np.all((np.asarray(level) >= 0) & (np.asarray(level) <= 0.3))
+
+
+@pytest.mark.parametrize("name, out, low, train", [("sr32", 32, 16, 32), ("sr64", 64, 32, 32)])
+def test_stage_shapes(configs, name, out, low, train):
+    """Each stage maps (x [B, out, out, 3], lowres [B, low, low, 3]) to [B, out, out, 3]; the
+    1024-style stage has no self-attention and its training shape is the crop."""
+    exp = trainer.build_experiment(configs[name])
+    assert exp.is_sr and exp.train_shape == (train, train, 3) and exp.image_shape == (out, out, 3)
+    cond = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), exp.example_cond(2))
+    assert cond["lowres"].shape == (2, train // (out // low), train // (out // low), 3)
+    params = jax.eval_shape(lambda: exp.model.init(jax.random.PRNGKey(0), jnp.zeros((2, train, train, 3)),
+                                                   jnp.zeros((2,)), cond))["params"]
+    full_cond = {**cond, "lowres": jnp.zeros((2, low, low, 3))}
+    y = jax.eval_shape(lambda p: exp.model.apply({"params": p}, jnp.zeros((2, out, out, 3)), jnp.zeros((2,)),
+                                                 full_cond), params)
+    assert y.shape == (2, out, out, 3)
+    names = "/".join(jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params))
+    assert "aug_mlp_0" in names
+    if name == "sr64":
+        assert "self_attn" not in names and "cross_attn" in names
+
+
+def test_crop_trained_stage_runs_on_full_size_input(workdirs, configs):
+    """The 1024-style stage, trained on 32x32 crops, samples whole 64x64 images from 32x32 inputs."""
+    stages = read_stages(workdirs["base"], [workdirs["sr32"], workdirs["sr64"]])
+    from ediff_jax.cascade import load_stages
+
+    load_stages(stages[2:])
+    stage = stages[2]
+    sampler = Sampler(stage.exp.model, stage.exp.encoders, image_size=64, steps=2, lowres_factor=2)
+    lowres = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    images = sampler(stage.params, ["a red circle", "a blue square"], guidance=1.0, lowres=lowres)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+    assert (workdirs["sr64"] / "samples" / "final.png").exists()  # the train loop's validation grid
+    with pytest.raises(ValueError, match=r"needs low-res images of shape \(2, 32, 32, 3\)"):
+        sampler(stage.params, ["a", "b"], lowres=lowres[:, :16, :16])
+    with pytest.raises(ValueError, match="pass `lowres`"):
+        sampler(stage.params, ["a", "b"])
+
+
+def test_cascade_end_to_end(workdirs, tmp_path):
+    """text -> 16 -> 32 -> 64: each stage's PNGs are written at its resolution; a fixed seed repeats."""
+    out = tmp_path / "cascade"
+    settings = [StageSettings(steps=2), StageSettings(steps=2, aug_level=0.0), StageSettings(steps=2, guidance=1.5)]
+    images = sample_cascade_from_workdirs(workdirs["base"], [workdirs["sr32"], workdirs["sr64"]], ["a red circle"],
+                                          settings, num=2, out=out)
+    assert [im.shape for im in images] == [(2, 16, 16, 3), (2, 32, 32, 3), (2, 64, 64, 3)]
+    for k, size in enumerate((16, 32, 64)):
+        assert (out / f"stage{k}_{size}x{size}" / "grid.png").exists()
+        assert (out / f"stage{k}_{size}x{size}" / "00_01.png").exists()
+    # the SR stages depend on their input: a different base seed changes the final images
+    stages = read_stages(workdirs["base"], [workdirs["sr32"]])
+    from ediff_jax.cascade import load_stages
+
+    load_stages(stages)
+    a = run_cascade(stages, ["a red circle"] * 2, [StageSettings(steps=2), StageSettings(steps=2)], seed=0)
+    b = run_cascade(stages, ["a red circle"] * 2, [StageSettings(steps=2), StageSettings(steps=2)], seed=0)
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_panorama_through_sr_stage_tiles_and_full(workdirs):
+    """A 16x64 base panorama becomes 32x128 through the SR stage, both fully convolutionally and
+    as MultiDiffusion tiles, and the two agree in layout (same low-res input, same shapes)."""
+    from ediff_jax.cascade import load_stages
+
+    stages = read_stages(workdirs["base"], [workdirs["sr32"]])
+    load_stages(stages)
+    settings = [StageSettings(steps=2), StageSettings(steps=2, aug_level=0.0)]
+    full = run_cascade(stages, ["a red circle"], settings, height=16, width=64, sr_mode="full")
+    tiles = run_cascade(stages, ["a red circle"], settings, height=16, width=64, sr_mode="tiles", stride=4)
+    assert full[0].shape == (1, 16, 64, 3) and full[1].shape == (1, 32, 128, 3)
+    np.testing.assert_array_equal(full[0], tiles[0])  # the same base panorama
+    assert tiles[1].shape == (1, 32, 128, 3)
+
+
+def test_chain_errors(workdirs, configs):
+    """Stages that do not chain, an SR stage used as a base, and a base used as an SR stage."""
+    with pytest.raises(ValueError, match="outputs 16x16 but .* expects 32x32"):
+        read_stages(workdirs["base"], [workdirs["sr64"]])
+    with pytest.raises(ValueError, match="must be a base"):
+        read_stages(workdirs["sr32"], [])
+    with pytest.raises(ValueError, match="is a base model, not an SR stage"):
+        read_stages(workdirs["base"], [workdirs["base"]])
+    with pytest.raises(ValueError, match="holds an SR stage"):
+        sample_from_workdir(workdirs["sr32"], ["a red circle"])
+    with pytest.raises(ValueError, match="lowres_size=12 must divide"):
+        bad = configs["sr32"].copy_and_resolve_references()
+        bad.sr.lowres_size = 12
+        trainer.build_experiment(bad)
+    with pytest.raises(ValueError, match="crop_size=20 must be"):
+        bad = configs["sr64"].copy_and_resolve_references()
+        bad.sr.crop_size = 20
+        trainer.build_experiment(bad)
+
+
+def test_sr_checkpoint_refused_under_base_config(workdirs, configs):
+    """Resuming an SR workdir with a base config (or the reverse) fails before anything is written."""
+    from ediff_jax.checkpoints import CheckpointMismatchError
+
+    base = configs["base"].copy_and_resolve_references()
+    with pytest.raises((CheckpointMismatchError, ValueError)):
+        trainer.train_and_evaluate(base, workdirs["sr32"])
