@@ -30,6 +30,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # PyTorch (CPU) serves as the reference implementation in parity tests.
     "test": ["pytest>=8", "torch==2.13.0"],
+    # diffusers' UNet2DConditionModel (PyTorch, CPU) as the baseline of experiments/benchmarks/train_bench.py.
+    "bench": ["diffusers==0.42.1", "torch==2.13.0"],
 }
 
 setup(

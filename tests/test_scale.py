@@ -24,7 +24,7 @@ def tiny(data_dir: str, **train):
     c = load_config(str(REPO / "configs/base64.py:size=tiny"))
     c.data.data_dir = data_dir
     c.model.channel_mult, c.model.attn_resolutions, c.model.cross_attn_resolutions = (1,), (), (32,)
-    c.train.update(dict(num_steps=4, ckpt_every=100, lr=2e-3, warmup_steps=1, log_every=1, log_mfu=False, **train))
+    c.train.update({**dict(num_steps=4, ckpt_every=100, lr=2e-3, warmup_steps=1, log_every=1, log_mfu=False), **train})
     c.sample.prompts = ()
     return c
 

@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -219,12 +220,12 @@ def diffusers_spec(config: ml_collections.ConfigDict, host: dict[str, np.ndarray
 class DiffusersBench:
     """diffusers' UNet2DConditionModel trained with MSE + AdamW on a fixed batch."""
 
-    def __init__(self, spec: dict[str, Any], compile_model: bool = False) -> None:
+    def __init__(self, spec: dict[str, Any], threads: int, compile_model: bool = False) -> None:
         import torch
         from diffusers import UNet2DConditionModel
 
         torch.manual_seed(0)
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads)
         self.torch = torch
         self.model = UNet2DConditionModel(**spec["kwargs"]).train()
         self.num_params = sum(p.numel() for p in self.model.parameters())
@@ -278,11 +279,13 @@ class DiffusersBench:
         return float(counter.get_total_flops())
 
 
-def run_compiled_worker(spec: dict[str, Any], repeats: int, steps: int) -> dict[str, Any]:
+def run_compiled_worker(spec: dict[str, Any], threads: int, repeats: int, steps: int) -> dict[str, Any]:
     """Times torch.compile'd diffusers in a subprocess, stopped if compiling exceeds COMPILE_LIMIT_S."""
+    payload = {"spec": spec, "threads": threads, "repeats": repeats, "steps": steps}
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--compile_worker", json.dumps({"spec": spec, "repeats": repeats, "steps": steps})],
+        [sys.executable, __file__, "--compile_worker", json.dumps(payload)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group: stopping it also stops inductor's compile workers
     )
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -300,13 +303,14 @@ def run_compiled_worker(spec: dict[str, Any], repeats: int, steps: int) -> dict[
         try:
             line = lines.get(timeout=max(deadline - time.monotonic(), 0.0))
         except queue.Empty:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            limit = "compiling" if compiled is None else "timing"
-            return {"skipped": f"{limit} took over {deadline - compiled if compiled else COMPILE_LIMIT_S:.0f} s"}
+            if compiled is None:
+                return {"skipped": f"compiling took over {COMPILE_LIMIT_S:.0f} s"}
+            return {"skipped": "the compiled steps ran past their time limit"}
         if line is None:
             proc.wait()
-            tail = "".join(stderr_tail[-5:]).strip().replace("\n", " | ")[-400:]
+            tail = " ".join("".join(stderr_tail[-5:]).split())[-400:]
             return {"skipped": f"torch.compile worker exited with code {proc.returncode}: {tail}"}
         if line.startswith("COMPILED "):
             compiled = time.monotonic()
@@ -320,7 +324,7 @@ def run_compiled_worker(spec: dict[str, Any], repeats: int, steps: int) -> dict[
 def compile_worker_main(payload: str) -> None:
     """Subprocess side of `run_compiled_worker`: compile, report, time, report."""
     args = json.loads(payload)
-    bench = DiffusersBench(args["spec"], compile_model=True)
+    bench = DiffusersBench(args["spec"], args["threads"], compile_model=True)
     bench.warm_up()
     print(f"COMPILED {bench.compile_s:.1f}", flush=True)
     times = [bench.run(args["steps"]) for _ in range(args["repeats"])]
@@ -343,7 +347,8 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def bench_config(name: str, batch: int, repeats: int, steps: int, torch_compile: bool) -> dict[str, Any]:
+def bench_config(name: str, batch: int, repeats: int, steps: int, torch_threads: int,
+                 torch_compile: bool) -> dict[str, Any]:
     """Everything measured for one config; eager timings of both frameworks interleaved."""
     spec_path, _ = CONFIGS[name]
     config = load_config(str(REPO / spec_path))
@@ -352,7 +357,7 @@ def bench_config(name: str, batch: int, repeats: int, steps: int, torch_compile:
     ours.warm_up()
     spec = diffusers_spec(ours.config, host)
     print(f"[{name}] building diffusers UNet2DConditionModel...", flush=True)
-    theirs = DiffusersBench(spec)
+    theirs = DiffusersBench(spec, torch_threads)
     theirs_dense = theirs.dense_flops()
     theirs.warm_up()
     print(f"[{name}] params: ours {ours.num_params:,}, diffusers {theirs.num_params:,} "
@@ -376,7 +381,7 @@ def bench_config(name: str, batch: int, repeats: int, steps: int, torch_compile:
     if torch_compile:
         print(f"[{name}] diffusers with torch.compile (subprocess, limit {COMPILE_LIMIT_S:.0f} s to compile)...",
               flush=True)
-        result["diffusers_compiled"] = run_compiled_worker(spec, repeats, steps)
+        result["diffusers_compiled"] = run_compiled_worker(spec, torch_threads, repeats, steps)
         print(f"[{name}] torch.compile: {result['diffusers_compiled']}", flush=True)
     return result
 
@@ -413,7 +418,7 @@ def print_report(results: list[dict[str, Any]], peak: float, info: dict[str, Any
         if compiled is None:
             compiled_cell, compiled_s = "not run", None
         elif "skipped" in compiled:
-            compiled_cell, compiled_s = f"skipped: {compiled['skipped']}", None
+            compiled_cell, compiled_s = f"skipped: {compiled['skipped']}".replace("|", "/"), None
         else:
             compiled_s = compiled["step_s"]
             compiled_cell = f"{compiled_s:.3f} (compile {compiled['compile_s']:.0f} s)"
@@ -431,6 +436,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=None,
                     help="batch per config (one value for all, or one per --configs entry); "
                          f"default {', '.join(f'{k} {v[1]}' for k, v in CONFIGS.items())}")
+    ap.add_argument("--torch_threads", type=int, default=os.cpu_count() or 1,
+                    help="torch intra-op threads (default: all cores, as XLA uses)")
     ap.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=True,
                     help=f"also time diffusers under torch.compile (skipped past {COMPILE_LIMIT_S:.0f} s of compiling)")
     ap.add_argument("--out", default=None, help="optional JSON output path")
@@ -450,7 +457,7 @@ def main() -> None:
     import diffusers
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads)
     device = jax.devices()[0]
     info: dict[str, Any] = {
         "device": f"{cpu_name()}, {os.cpu_count()} cores", "jax": jax.__version__,
@@ -460,7 +467,7 @@ def main() -> None:
     }
     peak = flops.measure_matmul_peak(size=2048)
     print(f"CPU matmul peak (float32, measured): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    results = [bench_config(name, batch, args.repeats, args.steps, args.torch_compile)
+    results = [bench_config(name, batch, args.repeats, args.steps, args.torch_threads, args.torch_compile)
                for name, batch in zip(args.configs, batches)]
     info["load_end"] = os.getloadavg()[0]
     print_report(results, peak, info)

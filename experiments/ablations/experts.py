@@ -1,0 +1,194 @@
+"""Experts vs no experts at equal training samples: eDiff-I's headline ablation on ediff_shapes.
+
+`configs/experts.py:experts=1|2|3` (the quickstart UNet as one model, 2 experts, or the
+paper's 3-expert layout; shared phase first, then branching) is trained for the same
+number of steps at the same batch, so every variant sees the same training samples, then
+each is scored on the same validation prompts from the same noise:
+
+- alignment accuracy of one sample per prompt (`ediff_jax.eval.score_alignment_batch`),
+- Fréchet distance and KID of the samples to real validation images (shipped feature net),
+- the held-out denoising loss (EDM-weighted, conditional, no guidance) at fixed noise
+  levels: where in the noise range the experts help or hurt, without sampling noise.
+
+  python experiments/ablations/experts.py --out experiments/results/experts           # trains 3 runs
+  python experiments/ablations/experts.py --out DIR --workdir 1=workdirs/e1 --workdir 3=workdirs/e3 --experts 1 3
+  python experiments/ablations/experts.py --out /tmp/abl_experts --smoke              # the tests run this
+
+Trained runs land in --workdir_root (default workdirs/ablation_experts/experts{E}) and are
+reused when finished, so a rerun only evaluates. Runs given by --workdir must have been
+trained on as many samples (steps x batch) as each other; otherwise the script stops.
+
+CPU time (2-core shared VM, jax 0.10.2), measured with the commands above:
+- `--smoke`: 166 s wall, 102 s CPU from scratch (three tiny trainings of 3 steps, each
+  compiling its expert phases' steps: that compilation is nearly all of it); 58 s wall in
+  the test suite, which reuses one trained workdir and a warm compilation cache.
+- full (1200 steps at batch 24 per variant, 96 prompts, 24 Heun steps): estimated, not run
+  here: about 3 x 15 min of training (the README quickstart's 1200 steps at batch 16 took
+  9 min 43 s; batch 24 is 1.5x the samples, and BENCHMARKS.md measures the 3-expert unrolled
+  step at 1.17x the single model's per-sample throughput) plus about 4 min of evaluation
+  (the sampling cost measured by guidance.py per 96 images), so about 50 min.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.ablations import common
+
+DEFAULT_LOSS_SIGMAS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+LOSS_COLUMNS_PREFIX = "loss@"
+COLUMNS = ("experts", "train_steps", "train_batch", "train_samples", "boundaries", *common.ALIGNMENT_COLUMNS,
+           *common.DISTANCE_COLUMNS, "mean_val_loss", "sample_seconds", "workdir")
+
+
+def parse_workdirs(items: Sequence[str] | None) -> dict[int, Path]:
+    """['1=path', '3=path'] -> {1: Path, 3: Path}."""
+    out: dict[int, Path] = {}
+    for item in items or ():
+        key, sep, path = str(item).partition("=")
+        if not sep or not key.strip().isdigit() or not path.strip():
+            raise ValueError(f"--workdir {item!r} must look like E=PATH, e.g. --workdir 3=workdirs/experts3.")
+        out[int(key)] = Path(path.strip()).expanduser()
+    return out
+
+
+def check_equal_samples(workdirs: dict[int, Path]) -> None:
+    """The ablation compares layouts at equal training samples; refuse runs that differ."""
+    from ediff_jax.sampling import read_workdir_config
+
+    samples = {}
+    for num, workdir in workdirs.items():
+        config = read_workdir_config(workdir)
+        layout = len(config.experts.phases[-1]) if config.experts.phases else 1
+        if layout != num:
+            raise ValueError(f"{workdir} holds a {layout}-expert run, but was given as --workdir {num}=...")
+        samples[num] = (int(config.train.num_steps), int(config.train.batch_size))
+    if len({s * b for s, b in samples.values()}) > 1:
+        listing = ", ".join(f"{e} experts: {s} steps x batch {b}" for e, (s, b) in sorted(samples.items()))
+        raise ValueError(f"The runs were trained on different numbers of samples ({listing}); this ablation compares "
+                         "expert layouts at equal training samples. Train them with the same --steps and --batch.")
+
+
+def denoising_loss(model: common.Model, images: Any, captions: Sequence[str], sigmas: Sequence[float],
+                   seed: int) -> list[float]:
+    """Mean EDM-weighted loss of the conditional denoiser on `images` at each sigma (same noise for all)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ediff_jax import edm
+    from ediff_jax.sampling import make_model_fn
+
+    encoders = model.exp.encoders
+    cond = encoders.encode(encoders.params, encoders.tokenize(list(captions)))
+    x0 = jnp.asarray(np.asarray(images, np.float32) / 127.5 - 1.0)
+    noise = jax.random.normal(jax.random.PRNGKey(seed), x0.shape)
+
+    @jax.jit
+    def loss_at(params: Any, sigma: jax.Array) -> jax.Array:
+        model_fn = make_model_fn(model.exp.model, params, model.sigma_data, model.boundaries)
+        return jnp.mean(edm.edm_loss(lambda x, s: model_fn(x, s, cond), x0, sigma, noise, model.sigma_data))
+
+    return [float(loss_at(model.params, jnp.float32(s))) for s in sigmas]
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    p = common.base_parser(__doc__)
+    p.add_argument("--experts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
+                   help="Expert layouts to compare (configs/experts.py:experts=E).")
+    p.add_argument("--steps", type=int, default=1200, help="Training steps of every variant.")
+    p.add_argument("--batch", type=int, default=24, help="Training batch of every variant (divisible by 1, 2, 3).")
+    p.add_argument("--workdir", action="append", metavar="E=PATH",
+                   help="Reuse a trained run for layout E instead of training it (repeatable).")
+    p.add_argument("--workdir_root", default=None,
+                   help="Where trained runs go (default: workdirs/ablation_experts; OUT/workdirs with --smoke).")
+    p.add_argument("--num_prompts", type=int, default=96, help="Validation captions sampled per variant.")
+    p.add_argument("--num_real", type=int, default=1000, help="Real validation images for Fréchet distance / KID.")
+    p.add_argument("--num_loss", type=int, default=256, help="Validation images for the per-sigma denoising loss.")
+    p.add_argument("--loss_sigmas", type=float, nargs="+", default=list(DEFAULT_LOSS_SIGMAS))
+    p.add_argument("--sampler_steps", type=int, default=None, help="Sampler steps (default: the config's).")
+    p.add_argument("--sample_batch", type=int, default=32, help="Images per sampler call.")
+    args = p.parse_args(argv)
+    common.configure_smoke_runtime(args.smoke)
+    smoke_batch = common.smoke_batch() if args.smoke else None
+    common.smoke_overrides(args, steps=common.SMOKE_TRAIN_STEPS, batch=smoke_batch, num_prompts=8, num_real=16,
+                           num_loss=8, loss_sigmas=[0.1, 1.0, 10.0], sample_batch=8)
+
+    from ediff_jax.images import ensure_writable_dir
+
+    out = ensure_writable_dir(args.out)
+    clock = common.Clock()
+    given = parse_workdirs(args.workdir)
+    unknown = sorted(set(given) - set(args.experts))
+    if unknown:
+        p.error(f"--workdir given for {unknown} experts, which --experts {args.experts} does not compare.")
+    root = Path(args.workdir_root or (out / "workdirs" if args.smoke else common.REPO / "workdirs/ablation_experts"))
+    workdirs = {}
+    for num in args.experts:
+        if num in given:
+            if not common.is_trained(given[num]):
+                raise FileNotFoundError(f"--workdir {num}={given[num]} holds no finished run.")
+            workdirs[num] = given[num]
+        else:
+            config = common.ablation_config(experts=num, steps=args.steps, batch=args.batch, smoke=args.smoke,
+                                            data_dir=args.data_dir)
+            workdirs[num] = common.train_or_reuse(config, root / f"experts{num}")
+    check_equal_samples(workdirs)
+
+    models = {num: common.load_model(workdir) for num, workdir in workdirs.items()}
+    size = next(iter(models.values())).image_size
+    evaluator = common.Evaluator(size, args.num_real, args.feature_weights)
+    _, prompts = common.validation_examples(args.num_prompts, size)
+    loss_images, loss_captions = common.validation_examples(args.num_loss, size, offset=args.num_prompts)
+    rows, curves, grids = [], {}, []
+    for num, model in models.items():
+        sampler = model.sampler(args.sampler_steps)
+        sample_clock = common.Clock()
+        images = common.sample_batched(lambda chunk, **kw: sampler(model.params, chunk, guidance=model.guidance, **kw),
+                                       prompts, args.sample_batch, args.seed)
+        sample_seconds = sample_clock.wall
+        losses = denoising_loss(model, loss_images, loss_captions, args.loss_sigmas, args.seed)
+        boundaries = model.boundaries
+        rows.append({
+            "experts": num, "train_steps": int(model.config.train.num_steps),
+            "train_batch": int(model.config.train.batch_size), "train_samples": model.train_samples,
+            "boundaries": "-" if boundaries is None else "/".join(f"{b:.3g}" for b in boundaries),
+            **evaluator.score(images, prompts), "mean_val_loss": sum(losses) / len(losses),
+            **{f"{LOSS_COLUMNS_PREFIX}{s:g}": v for s, v in zip(args.loss_sigmas, losses)},
+            "sample_seconds": sample_seconds, "workdir": str(model.workdir),
+        })
+        curves[f"{num} expert{'s' if num > 1 else ''}"] = (list(args.loss_sigmas), losses)
+        grids.append(images[:8])
+        print(f"{num} experts: all_ok {rows[-1]['all_ok_accuracy']:.3f}, FD {rows[-1]['frechet_distance']:.2f}, "
+              f"mean val loss {rows[-1]['mean_val_loss']:.4f}", flush=True)
+
+    import numpy as np
+
+    columns = [*COLUMNS[:-2], *(f"{LOSS_COLUMNS_PREFIX}{s:g}" for s in args.loss_sigmas), *COLUMNS[-2:]]
+    source = "tiny smoke runs (--smoke): numbers meaningless, the pipeline is real" if args.smoke else \
+        "configs/experts.py (the quickstart UNet)"
+    notes = [
+        f"Models: {source}. Each layout trained {rows[0]['train_steps']} steps x batch {rows[0]['train_batch']} = "
+        f"{rows[0]['train_samples']} samples. Sampling: {len(prompts)} validation captions, one image each, "
+        f"guidance from each config, seed {args.seed} (the same noise for every layout).",
+        f"Fréchet distance / KID: to {args.num_real} real validation images, shipped ediff_shapes feature network. "
+        f"`loss@s`: EDM-weighted denoising loss on {args.num_loss} other validation images at sigma = s.",
+        f"Command: `{common.command('experts.py', argv)}`. {clock.summary()}.",
+    ]
+    common.write_results(out, rows, columns, "Experts vs no experts at equal training samples", notes)
+    common.plot_metrics(rows, "experts", ["all_ok_accuracy", "frechet_distance", "mean_val_loss"],
+                        out / "metrics.png", title="Expert layouts at equal training samples", bar=True)
+    common.plot_curves(curves, out / "val_loss_vs_sigma.png", title="Held-out denoising loss by noise level",
+                       xlabel="sigma", ylabel="EDM-weighted loss", logx=True, logy=True)
+    common.save_grid(np.concatenate(grids), out / "samples.png", cols=len(grids[0]))
+    print(f"Wrote results.md, results.csv, metrics.png, val_loss_vs_sigma.png and samples.png to {out} "
+          f"({clock.summary()}).")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
