@@ -6,7 +6,7 @@ Variants: `configs/base64.py:size=tiny` (tests, seconds), `size=small` (CPU hour
 equal length); `experts=1` (default) a single model.
 """
 
-from ediff_jax.config_utils import base_config, expert_schedule, parse_arg
+from ediff_jax.config_utils import base_config, expert_schedule, parse_arg, use_paper_text_encoders
 
 SIZES = {
     "tiny": dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
@@ -33,10 +33,7 @@ def get_config(arg: str | None = None):
         c.sample.steps = 4
         c.sample.num_per_prompt = 1
     if args.size == "paper":
-        c.text.t5_path = "~/models/t5-v1_1-xxl"  # a Hugging Face directory; see README
-        c.text.clip_path = "~/models/clip-vit-large-patch14"
-        c.text.t5_max_length = 128
-        c.text.clip_max_length = 77
+        use_paper_text_encoders(c)
         c.train.batch_size = 2048
     c.experts.phases, c.experts.phase_steps = expert_schedule(args.experts, c.train.num_steps)
     return c

@@ -18,7 +18,7 @@ level (`*_levels`), so it does not depend on the feature-map size.
 
 import ml_collections
 
-from ediff_jax.config_utils import base_config, expert_schedule, parse_arg
+from ediff_jax.config_utils import base_config, expert_schedule, parse_arg, use_paper_text_encoders
 
 # stage -> size -> (model, data, sr) settings
 STAGES = {
@@ -76,10 +76,7 @@ def get_config(arg: str | None = None):
         c.sample.num_per_prompt = 1
         c.sample.prompts = ("a red circle", "a blue square")
     if args.size == "paper":
-        c.text.t5_path = "~/models/t5-v1_1-xxl"
-        c.text.clip_path = "~/models/clip-vit-large-patch14"
-        c.text.t5_max_length = 128
-        c.text.clip_max_length = 77
+        use_paper_text_encoders(c)
         c.train.batch_size = 2048
     c.experts.phases, c.experts.phase_steps = expert_schedule(args.experts, c.train.num_steps)
     return c

@@ -160,6 +160,14 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def use_paper_text_encoders(c: ml_collections.ConfigDict) -> None:
+    """eDiff-I's encoders: T5-XXL and CLIP-L/14 from Hugging Face directories (see README)."""
+    c.text.t5_path = "~/models/t5-v1_1-xxl"
+    c.text.clip_path = "~/models/clip-vit-large-patch14"
+    c.text.t5_max_length = 128
+    c.text.clip_max_length = 77
+
+
 def _unknown_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     out = []
     for key in config.keys():

@@ -162,3 +162,18 @@ def test_sr_checkpoint_refused_under_base_config(workdirs, configs):
     base = configs["base"].copy_and_resolve_references()
     with pytest.raises((CheckpointMismatchError, ValueError)):
         trainer.train_and_evaluate(base, workdirs["sr32"])
+
+
+def test_two_expert_sr_stage_traces(shapes_data_dir):
+    """A 2-expert SR stage goes through the expert machinery: the branched train step traces
+    (shapes only, nothing compiled) with stacked params and the low-res input split per expert."""
+    c = _tiny("configs/sr.py:stage=256,size=tiny,experts=2", shapes_data_dir)
+    c.train.num_steps, c.experts.phase_steps = 2, (1, 1)
+    exp = trainer.build_experiment(c)
+    abstract, _ = trainer.state_shardings(exp, 1)
+    assert jax.tree.leaves(abstract.params)[0].shape[0] == 2
+    batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
+             "lowres": jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32),
+             **jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.encoders.tokenize(["a"] * 8))}
+    new_state, metrics = jax.eval_shape(trainer.make_train_step(exp, 1), abstract, exp.encoders.params, batch)
+    assert metrics["loss/expert_1"].shape == () and jax.tree.leaves(new_state.params)[0].shape[0] == 2
