@@ -7,6 +7,7 @@ written: the user's checkpoint is never touched by a mismatched run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -85,10 +86,23 @@ class Checkpointer:
         )
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
-        """Restores onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs)."""
+        """Restores onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs).
+
+        Fields with no arrays (e.g. `extra_emas=()` when no extra EMA is kept) are left out
+        of the request and filled back in, so checkpoints written before such a field
+        existed still restore.
+        """
         step = self.latest_step() if step is None else step
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return restored["state"]
+        fields = dataclasses.fields(abstract_state) if dataclasses.is_dataclass(abstract_state) else ()
+        empty = {f.name: getattr(abstract_state, f.name) for f in fields
+                 if not jax.tree.leaves(getattr(abstract_state, f.name))}
+        if not empty:
+            args = ocp.args.StandardRestore(abstract_state)
+            return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        wanted = {f.name: getattr(abstract_state, f.name) for f in fields if f.name not in empty}
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted, strict=False)))["state"]
+        return dataclasses.replace(abstract_state, **restored, **empty)
 
     def restore_latest_good(self, abstract_for: Callable[[dict], Any]) -> tuple[int, Any, dict]:
         """Restores the newest checkpoint that reads back; returns (step, state, meta).
@@ -99,7 +113,7 @@ class Checkpointer:
         to `checkpoints/unreadable_<step>` -- kept, never deleted -- with a warning, and the
         previous one is tried.
         """
-        first_error: Exception | None = None
+        failed: list[tuple[int, Exception]] = []
         for step in reversed(self.all_steps()):
             try:
                 meta = self.read_meta(step)
@@ -108,12 +122,17 @@ class Checkpointer:
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # orbax raises many types for unreadable data
-                first_error = first_error or e
-                self._quarantine(step, e)
+                failed.append((step, e))
                 continue
+            # An older checkpoint reads back with the same code, so the newer ones are damaged:
+            # set them aside (never deleted) so that training can write those steps again.
+            for bad_step, error in failed:
+                self._quarantine(bad_step, error)
             return step, state, meta
-        raise RuntimeError(f"No checkpoint in {self.directory} could be read back; the first error was: "
-                           f"{first_error}") from first_error
+        # Nothing readable: more likely a code/format mismatch than damage; touch nothing.
+        raise RuntimeError(f"No checkpoint in {self.directory} could be read back (left as they are); the newest "
+                           f"one failed with: {failed[0][1] if failed else 'no checkpoints'}") from (
+            failed[0][1] if failed else None)
 
     def _quarantine(self, step: int, error: Exception) -> None:
         source = self.directory / str(step)

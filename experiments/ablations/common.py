@@ -242,8 +242,8 @@ def sample_batched(sample: Callable[..., np.ndarray], prompts: Sequence[str], ba
         chunk += [chunk[-1]] * pad
         call = dict(kwargs)
         if extra_cond is not None:
-            call["extra_cond"] = {key: np.concatenate([v[start:start + real], np.repeat(v[start + real - 1:start + real],
-                                                                                        pad, axis=0)])
+            last = start + real - 1
+            call["extra_cond"] = {key: np.concatenate([v[start:last + 1], np.repeat(v[last:last + 1], pad, axis=0)])
                                   for key, v in extra_cond.items()}
         out.append(np.asarray(sample(chunk, seed=seed + k, **call))[:real])
     return np.concatenate(out)
@@ -351,20 +351,19 @@ def read_results(out: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure outside pyplot: no backend, no global state, so it is headless and
+    leaves a notebook's inline plotting alone."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only: scripts and tests run headless
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height))
 
 
 def plot_metrics(rows: Sequence[Mapping[str, Any]], x: str, metrics: Sequence[str], path: Path, *, title: str,
                  bar: bool = False, logx: bool = False, xlabel: str | None = None) -> None:
     """One panel per metric against `x` (bars for categorical settings, else lines with markers)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    fig = _figure(3.6 * len(metrics), 3.2)
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     xs = [row[x] for row in rows]
     for ax, metric in zip(axes[0], metrics):
         ys = [float(row[metric]) for row in rows]
@@ -374,21 +373,23 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], x: str, metrics: Sequence[st
             ax.plot(xs, ys, marker="o")
             if logx:
                 ax.set_xscale("log")
+        if "accuracy" in metric or metric == "all_placed":
+            ax.set_ylim(-0.02, 1.02)  # accuracies on one scale, so settings compare across panels
         ax.set_title(metric.replace("_", " "), fontsize=9)
         ax.set_xlabel(xlabel or x)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path, *, title: str,
                 xlabel: str, ylabel: str, logx: bool = False, logy: bool = False,
+                ylim: tuple[float, float] | None = None,
                 annotations: Mapping[str, Sequence[str]] | None = None) -> None:
     """Named (x, y) curves on one axis; `annotations[name]` labels each point of a curve."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.0, 3.8))
+    fig = _figure(5.0, 3.8)
+    ax = fig.subplots()
     for name, (xs, ys) in curves.items():
         ax.plot(xs, ys, marker="o", label=name)
         for label, xv, yv in zip((annotations or {}).get(name, ()), xs, ys):
@@ -397,6 +398,8 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -405,7 +408,6 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def save_grid(images: np.ndarray, path: Path, cols: int) -> None:

@@ -56,21 +56,24 @@ def parse_workdirs(items: Sequence[str] | None) -> dict[int, Path]:
     return out
 
 
-def check_equal_samples(workdirs: dict[int, Path]) -> None:
-    """The ablation compares layouts at equal training samples; refuse runs that differ."""
+def check_equal_samples(workdirs: dict[int, Path], samples: int | None = None) -> None:
+    """The ablation compares layouts at equal training samples; refuse runs that differ (or differ from `samples`)."""
     from ediff_jax.sampling import read_workdir_config
 
-    samples = {}
+    trained = {}
     for num, workdir in workdirs.items():
         config = read_workdir_config(workdir)
         layout = len(config.experts.phases[-1]) if config.experts.phases else 1
         if layout != num:
             raise ValueError(f"{workdir} holds a {layout}-expert run, but was given as --workdir {num}=...")
-        samples[num] = (int(config.train.num_steps), int(config.train.batch_size))
-    if len({s * b for s, b in samples.values()}) > 1:
-        listing = ", ".join(f"{e} experts: {s} steps x batch {b}" for e, (s, b) in sorted(samples.items()))
-        raise ValueError(f"The runs were trained on different numbers of samples ({listing}); this ablation compares "
-                         "expert layouts at equal training samples. Train them with the same --steps and --batch.")
+        trained[num] = (int(config.train.num_steps), int(config.train.batch_size))
+    totals = {s * b for s, b in trained.values()} | ({samples} if samples is not None else set())
+    if len(totals) > 1:
+        listing = ", ".join(f"{e} experts: {s} steps x batch {b}" for e, (s, b) in sorted(trained.items()))
+        target = f" and --steps x --batch = {samples}" if samples is not None else ""
+        raise ValueError(f"The runs were trained on different numbers of samples ({listing}{target}); this ablation "
+                         "compares expert layouts at equal training samples. Train them with the same --steps and "
+                         "--batch.")
 
 
 def denoising_loss(model: common.Model, images: Any, captions: Sequence[str], sigmas: Sequence[float],
@@ -116,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     common.configure_smoke_runtime(args.smoke)
     smoke_batch = common.smoke_batch() if args.smoke else None
     common.smoke_overrides(args, steps=common.SMOKE_TRAIN_STEPS, batch=smoke_batch, num_prompts=8, num_real=16,
-                           num_loss=8, loss_sigmas=[0.1, 1.0, 10.0], sample_batch=8)
+                           num_loss=8, loss_sigmas=[0.1, 1.0, 10.0], sample_batch=8,
+                           sampler_steps=common.SMOKE_SAMPLER_STEPS)
 
     from ediff_jax.images import ensure_writable_dir
 
@@ -127,11 +131,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if unknown:
         p.error(f"--workdir given for {unknown} experts, which --experts {args.experts} does not compare.")
     root = Path(args.workdir_root or (out / "workdirs" if args.smoke else common.REPO / "workdirs/ablation_experts"))
+    for num, workdir in given.items():
+        if not common.is_trained(workdir):
+            raise FileNotFoundError(f"--workdir {num}={workdir} holds no finished run.")
+    # Runs to be trained get --steps x --batch samples: check the given ones match before training anything.
+    check_equal_samples(given, args.steps * args.batch if set(args.experts) - set(given) else None)
     workdirs = {}
     for num in args.experts:
         if num in given:
-            if not common.is_trained(given[num]):
-                raise FileNotFoundError(f"--workdir {num}={given[num]} holds no finished run.")
             workdirs[num] = given[num]
         else:
             config = common.ablation_config(experts=num, steps=args.steps, batch=args.batch, smoke=args.smoke,

@@ -1,0 +1,178 @@
+"""The ablation scripts (experiments/ablations) end to end in --smoke mode, and their helpers.
+
+One tiny model is trained once for the module (the smoke config: one UNet level, 3 steps)
+and every sampling ablation evaluates it in-process through its `main(argv)`; the experts
+ablation trains its 2- and 3-expert runs itself, reusing that model as the 1-expert run.
+Training and compiling the model alone take minutes on the 2-core CPU, so every test that
+needs it is slow-marked; the helpers' unit tests below run in the default selection.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments.ablations import common, encoders, experts, guidance, pww_weight, stride
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(shapes_data_dir, tmp_path_factory) -> Path:
+    """The smoke model (what `--smoke` trains without --workdir), trained once for this module."""
+    config = common.ablation_config(experts=1, steps=common.SMOKE_TRAIN_STEPS, batch=common.smoke_batch(), smoke=True,
+                                    data_dir=shapes_data_dir)
+    return common.train_or_reuse(config, tmp_path_factory.mktemp("ablations") / "smoke_workdir")
+
+
+def check_outputs(out: Path, rows: list[dict], settings_column: str, expected: list, pngs: list[str]) -> list[dict]:
+    """Shared checks: one CSV row per setting, in order; the Markdown table has as many rows; PNGs decode."""
+    table = common.read_results(out)
+    assert [type(expected[0])(r[settings_column]) for r in table] == expected
+    assert len(rows) == len(expected)
+    md = (out / "results.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(md) if line.startswith(f"| {settings_column} |"))
+    assert len([line for line in md[header + 2:] if line.startswith("|")]) == len(expected)
+    for name in pngs:
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and min(img.size) > 0
+    return table
+
+
+def assert_accuracy(value: float) -> None:
+    assert math.isnan(value) or 0.0 <= value <= 1.0, value
+
+
+def assert_distances(row: dict) -> None:
+    assert np.isfinite(row["frechet_distance"]) and row["frechet_distance"] >= 0
+    assert np.isfinite(row["kid"]) and row["kid_std"] >= 0
+
+
+@pytest.mark.slow
+def test_smoke_workdir_is_reused_not_retrained(smoke_workdir):
+    """A finished run is recognised, so the scripts reuse workdirs instead of training again."""
+    assert common.is_trained(smoke_workdir, common.SMOKE_TRAIN_STEPS)
+    assert not common.is_trained(smoke_workdir, common.SMOKE_TRAIN_STEPS + 1)
+
+
+@pytest.mark.slow
+def test_encoders_smoke(smoke_workdir, tmp_path):
+    """T5/CLIP/both: one row per setting with the right encoder flags, accuracies in [0, 1], finite distances."""
+    rows = encoders.main(["--smoke", "--workdir", str(smoke_workdir), "--out", str(tmp_path)])
+    check_outputs(tmp_path, rows, "encoders", ["both", "t5", "clip"], ["metrics.png", "samples.png"])
+    assert [(r["use_t5"], r["use_clip"]) for r in rows] == [(True, True), (True, False), (False, True)]
+    for row in rows:
+        for column in common.ALIGNMENT_COLUMNS:
+            assert_accuracy(row[column])
+        assert_distances(row)
+        assert row["num_prompts"] == 8
+
+
+@pytest.mark.slow
+def test_guidance_smoke(smoke_workdir, tmp_path):
+    """Guidance sweep: one row per scale, the trade-off plot written, accuracies in [0, 1], finite distances."""
+    rows = guidance.main(["--smoke", "--workdir", str(smoke_workdir), "--out", str(tmp_path)])
+    check_outputs(tmp_path, rows, "guidance", [1.0, 3.0], ["tradeoff.png", "metrics.png", "samples.png"])
+    for row in rows:
+        assert_accuracy(row["all_ok_accuracy"])
+        assert_distances(row)
+
+
+@pytest.mark.slow
+def test_pww_weight_smoke(smoke_workdir, tmp_path):
+    """Paint-with-words sweep: one row per w', rates in [0, 1], chance = the painted half of the image."""
+    rows = pww_weight.main(["--smoke", "--workdir", str(smoke_workdir), "--out", str(tmp_path)])
+    check_outputs(tmp_path, rows, "pww_weight", [0.0, 1.0], ["metrics.png", "samples.png"])
+    for row in rows:
+        assert row["images"] == 2 and row["objects"] == 4  # 2 layouts x 1 pair x 1 seed, two objects each
+        for column in ("detection_rate", "placement_accuracy", "all_placed", "two_object_color_shape_accuracy"):
+            assert_accuracy(row[column])
+        assert row["chance"] == pytest.approx(0.5)  # left/right and top/bottom halves
+        assert_distances(row)
+
+
+@pytest.mark.slow
+def test_stride_smoke(smoke_workdir, tmp_path):
+    """Stride sweep: views and evaluations follow the tiling geometry, cost and seam ratio are positive."""
+    rows = stride.main(["--smoke", "--workdir", str(smoke_workdir), "--out", str(tmp_path)])
+    check_outputs(tmp_path, rows, "stride", [16, 32], ["metrics.png", "panoramas.png"])
+    # 32x64 canvas, 32 window: stride 16 -> offsets 0, 16, 32; stride 32 -> 0, 32. Euler, 2 steps.
+    assert [r["views"] for r in rows] == [3, 2]
+    assert [r["evals_per_image"] for r in rows] == [6, 4]
+    for row in rows:
+        assert row["seconds_per_image"] > 0 and row["compile_seconds"] >= 0 and row["seam_ratio"] > 0
+        assert_accuracy(row["crop_color_shape_accuracy"])
+        assert_distances(row)
+
+
+@pytest.mark.slow
+def test_experts_smoke(smoke_workdir, shapes_data_dir, tmp_path):
+    """Experts 1/2/3 at equal samples: a row per layout, E-1 sigma boundaries each, finite per-sigma losses."""
+    rows = experts.main(["--smoke", "--workdir", f"1={smoke_workdir}", "--data_dir", shapes_data_dir,
+                         "--out", str(tmp_path)])
+    check_outputs(tmp_path, rows, "experts", [1, 2, 3], ["metrics.png", "val_loss_vs_sigma.png", "samples.png"])
+    assert len({r["train_samples"] for r in rows}) == 1
+    assert [r["boundaries"] for r in rows][0] == "-"
+    assert [len(r["boundaries"].split("/")) for r in rows[1:]] == [1, 2]
+    for row in rows:
+        assert_accuracy(row["all_ok_accuracy"])
+        assert_distances(row)
+        losses = [row[f"loss@{s:g}"] for s in (0.1, 1.0, 10.0)]
+        assert all(np.isfinite(losses)) and min(losses) > 0
+    assert (tmp_path / "workdirs" / "experts3").is_dir() and not (tmp_path / "workdirs" / "experts1").exists()
+
+
+def test_experts_refuses_unequal_training_samples(tmp_path):
+    """The headline ablation is at equal training samples: runs of different steps x batch are refused."""
+    for num, steps in ((1, 6), (2, 3)):
+        workdir = tmp_path / f"e{num}"
+        workdir.mkdir()
+        config = common.ablation_config(experts=num, steps=steps, batch=24, smoke=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort())
+    with pytest.raises(ValueError, match="different numbers of samples"):
+        experts.check_equal_samples({1: tmp_path / "e1", 2: tmp_path / "e2"})
+    with pytest.raises(ValueError, match="--steps x --batch = 72"):  # checked before training the missing layouts
+        experts.check_equal_samples({1: tmp_path / "e1"}, samples=3 * 24)
+    experts.check_equal_samples({1: tmp_path / "e1"}, samples=6 * 24)
+    with pytest.raises(ValueError, match="holds a 2-expert run"):
+        experts.check_equal_samples({3: tmp_path / "e2"})
+    with pytest.raises(ValueError, match="E=PATH"):
+        experts.parse_workdirs(["workdirs/e1"])
+
+
+def test_sample_batched_pads_chunks_and_offsets_seeds():
+    """Every sampler call sees the same batch size (one compile), chunk k gets seed + k, order is kept."""
+    calls = []
+
+    def fake_sampler(prompts, seed, extra_cond=None):
+        calls.append((list(prompts), seed, None if extra_cond is None else extra_cond["w"].tolist()))
+        return np.stack([np.full((2, 2, 3), int(p), np.uint8) for p in prompts])
+
+    images = common.sample_batched(fake_sampler, ["1", "2", "3", "4", "5"], batch_size=2, seed=10,
+                                   extra_cond={"w": np.arange(5.0)})
+    assert images[:, 0, 0, 0].tolist() == [1, 2, 3, 4, 5]
+    assert [len(p) for p, _, _ in calls] == [2, 2, 2]
+    assert [s for _, s, _ in calls] == [10, 11, 12]
+    assert [w for _, _, w in calls] == [[0.0, 1.0], [2.0, 3.0], [4.0, 4.0]]
+
+
+def test_seam_ratio_sees_a_seam_and_ignores_smooth_canvases():
+    """A brightness jump at a window boundary gives a ratio > 1; a linear ramp (uniform steps) gives 1."""
+    ramp = np.tile(np.arange(64, dtype=np.float64)[None, None, :, None], (1, 8, 1, 3))
+    assert stride.seam_ratio(ramp, 32) == pytest.approx(1.0)
+    step = np.zeros((1, 8, 64, 3))
+    step[:, :, 32:] = 100.0
+    step += np.random.default_rng(0).uniform(0, 1, step.shape)
+    assert stride.seam_ratio(step, 32) > 10
+
+
+def test_validation_examples_match_the_dataset_captions():
+    """The evaluation prompts are ediff_shapes captions the alignment scorer can parse."""
+    from ediff_jax.eval import parse_prompt
+
+    images, captions = common.validation_examples(6, 32)
+    assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
+    for caption in captions:
+        parse_prompt(caption)
