@@ -25,11 +25,13 @@ INSTALL_REQUIRES = [
     # Real photographs for the SR stages (configs/sr_photos.py) ship inside these wheels.
     "scikit-image>=0.26,<0.27",
     "scikit-learn>=1.9,<2",
+    "scipy>=1.13",  # image segmentation in the alignment scorer (ediff_jax/eval)
+    "matplotlib>=3.9",  # plots written by experiments/
 ]
 
 EXTRAS = {
     # PyTorch (CPU) serves as the reference implementation in parity tests.
-    "test": ["pytest>=8", "torch==2.13.0"],
+    "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
     # diffusers' UNet2DConditionModel (PyTorch, CPU) as the baseline of experiments/benchmarks/train_bench.py.
     "bench": ["diffusers==0.42.1", "torch==2.13.0"],
 }

@@ -224,8 +224,8 @@ def sample_from_workdir(
     """
     if not prompts:
         raise ValueError("Give at least one prompt.")
-    check_base_workdir(workdir)
     out = ensure_writable_dir(out or Path(workdir).expanduser() / "samples")  # before any heavy work
+    check_base_workdir(workdir)
     config, exp, ema_params = load_workdir(workdir, ema_decay=ema_decay)
     sample = Sampler(exp.model, exp.encoders, image_size=int(config.data.image_size),
                      steps=steps or int(config.sample.steps), sampler=sampler or config.sample.sampler,

@@ -31,7 +31,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from ediff_jax import edm, trainer
 from ediff_jax.config_utils import load_config
 from ediff_jax.data.photos import HELDOUT_PHOTOS, load_photo, photo_caption
-from ediff_jax.images import make_grid, save_png, to_uint8
+from ediff_jax.images import save_png, to_uint8
 from ediff_jax.sampling import Sampler, load_workdir, make_model_fn
 
 REPO = Path(__file__).resolve().parents[1]

@@ -145,6 +145,7 @@ def test_sigterm_then_resume_is_bitwise_identical(shapes_data_dir, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, resumed.ema_params, straight.ema_params)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_with_warning(shapes_data_dir, tmp_path):
     """An unreadable latest checkpoint is moved aside (kept) and the previous one resumed."""
     config = tiny(shapes_data_dir, num_steps=4, ckpt_every=2)
@@ -188,6 +189,7 @@ def test_nonfinite_loss_names_the_step_or_is_skipped(shapes_data_dir, tmp_path):
     assert trainer.summarize([metrics], 1, skip_nonfinite=True)["skipped_nonfinite"] == 1
 
 
+@pytest.mark.slow
 def test_grad_accumulation_and_extra_emas(shapes_data_dir):
     """grad_accum=2 gives the same update as one full batch (SGD: linear in the gradient), and
     each extra EMA follows its own decay."""

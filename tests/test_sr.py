@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ediff_jax import sr, trainer
-from ediff_jax.cascade import StageSettings, check_chain, read_stages, run_cascade, sample_cascade_from_workdirs
+from ediff_jax.cascade import StageSettings, read_stages, run_cascade, sample_cascade_from_workdirs
 from ediff_jax.config_utils import load_config
 from ediff_jax.sampling import Sampler, sample_from_workdir
 
@@ -40,13 +40,33 @@ def configs(shapes_data_dir):
             "sr64": _tiny("configs/sr.py:stage=1024,size=tiny", shapes_data_dir)}
 
 
+class TrainedWorkdirs(dict):
+    """Workdirs trained on first use (one step each), so fast tests pay only for what they use."""
+
+    def __init__(self, configs: dict, root: Path):
+        super().__init__()
+        self.configs, self.root = configs, root
+
+    def __missing__(self, name: str) -> Path:
+        self[name] = self.root / name
+        trainer.train_and_evaluate(self.configs[name], self[name])
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def workdirs(configs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cascade")
+    return TrainedWorkdirs(configs, tmp_path_factory.mktemp("cascade"))
+
+
+@pytest.fixture(scope="module")
+def config_only_workdirs(configs, tmp_path_factory):
+    """Workdirs holding only config.json: enough for the checks made before any checkpoint is read."""
+    root = tmp_path_factory.mktemp("configs")
     out = {}
     for name, config in configs.items():
         out[name] = root / name
-        trainer.train_and_evaluate(config, out[name])
+        out[name].mkdir()
+        (out[name] / "config.json").write_text(config.to_json_best_effort())
     return out
 
 
@@ -82,13 +102,15 @@ def test_stage_shapes(configs, name, out, low, train):
         assert "self_attn" not in names and "cross_attn" in names
 
 
+@pytest.mark.slow
 def test_crop_trained_stage_runs_on_full_size_input(workdirs, configs):
     """The 1024-style stage, trained on 32x32 crops, samples whole 64x64 images from 32x32 inputs."""
-    stages = read_stages(workdirs["base"], [workdirs["sr32"], workdirs["sr64"]])
-    from ediff_jax.cascade import load_stages
+    from ediff_jax.cascade import Stage, load_stages
 
-    load_stages(stages[2:])
-    stage = stages[2]
+    from ediff_jax.sampling import read_workdir_config
+
+    stage = Stage(workdirs["sr64"], read_workdir_config(workdirs["sr64"]))
+    load_stages([stage])
     sampler = Sampler(stage.exp.model, stage.exp.encoders, image_size=64, steps=2, lowres_factor=2)
     lowres = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     images = sampler(stage.params, ["a red circle", "a blue square"], guidance=1.0, lowres=lowres)
@@ -100,6 +122,7 @@ def test_crop_trained_stage_runs_on_full_size_input(workdirs, configs):
         sampler(stage.params, ["a", "b"])
 
 
+@pytest.mark.slow
 def test_cascade_end_to_end(workdirs, tmp_path):
     """text -> 16 -> 32 -> 64: each stage's PNGs are written at its resolution; a fixed seed repeats."""
     out = tmp_path / "cascade"
@@ -120,6 +143,7 @@ def test_cascade_end_to_end(workdirs, tmp_path):
     np.testing.assert_array_equal(a[1], b[1])
 
 
+@pytest.mark.slow
 def test_panorama_through_sr_stage_tiles_and_full(workdirs):
     """A 16x64 base panorama becomes 32x128 through the SR stage, both fully convolutionally and
     as MultiDiffusion tiles, and the two agree in layout (same low-res input, same shapes)."""
@@ -135,8 +159,9 @@ def test_panorama_through_sr_stage_tiles_and_full(workdirs):
     assert tiles[1].shape == (1, 32, 128, 3)
 
 
-def test_chain_errors(workdirs, configs):
+def test_chain_errors(config_only_workdirs, configs):
     """Stages that do not chain, an SR stage used as a base, and a base used as an SR stage."""
+    workdirs = config_only_workdirs
     with pytest.raises(ValueError, match="outputs 16x16 but .* expects 32x32"):
         read_stages(workdirs["base"], [workdirs["sr64"]])
     with pytest.raises(ValueError, match="must be a base"):
@@ -155,6 +180,7 @@ def test_chain_errors(workdirs, configs):
         trainer.build_experiment(bad)
 
 
+@pytest.mark.slow
 def test_sr_checkpoint_refused_under_base_config(workdirs, configs):
     """Resuming an SR workdir with a base config (or the reverse) fails before anything is written."""
     from ediff_jax.checkpoints import CheckpointMismatchError

@@ -2,7 +2,7 @@
 
   pip install -e '.[bench]'   # diffusers + torch, needed only here
   python experiments/benchmarks/train_bench.py [--repeats 5] [--configs quickstart base64] [--batch 16 8]
-      [--steps 2] [--no-torch_compile] [--out results.json]
+      [--steps 2] [--torch_threads 2] [--no-torch_compile] [--out results.json]
 
 For each config (quickstart at 32x32, base64 `size=small` at 64x64) on one CPU device:
 
@@ -12,7 +12,8 @@ For each config (quickstart at 32x32, base64 `size=small` at 64x64) on one CPU d
   of the lowered step; MFU against the float32 matmul rate measured in the same run.
 - Diffusers: `UNet2DConditionModel` with the same shape as far as diffusers allows (widths,
   blocks per level, attention levels, heads, context length and width, batch, image size),
-  train step = forward + MSE + backward + AdamW, `torch.set_num_threads(cores)`. Eager
+  train step = forward + MSE + backward + AdamW, `torch.set_num_threads(--torch_threads)`,
+  all cores by default. Eager
   timings are interleaved with ours (both see the same machine load); `torch.compile` runs
   afterwards in a subprocess, skipped if it fails or compiles for more than 5 minutes.
 
@@ -21,6 +22,9 @@ every convolution and matrix product, forward and backward) are printed, so the 
 can be read against how much work each step does: diffusers' attention blocks are
 transformer blocks (projections, LayerNorms and a GEGLU feed-forward) that ours do not have.
 Timings are medians over `--repeats` of the mean of `--steps` consecutive steps, after warm-up.
+On a shared machine, torch's OpenMP threads lose most of their speed as soon as another job
+takes a core (XLA's thread pool much less): check the load average printed with the
+table, and compare with `--torch_threads 1`, before reading the ratio as a framework result.
 """
 
 from __future__ import annotations
