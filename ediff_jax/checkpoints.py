@@ -96,12 +96,14 @@ class Checkpointer:
         fields = dataclasses.fields(abstract_state) if dataclasses.is_dataclass(abstract_state) else ()
         empty = {f.name: getattr(abstract_state, f.name) for f in fields
                  if not jax.tree.leaves(getattr(abstract_state, f.name))}
-        if not empty:
+        try:
             args = ocp.args.StandardRestore(abstract_state)
             return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        except ValueError as e:  # written before an (empty) field existed: restore without it
+            if not empty or "tree structures do not match" not in str(e):
+                raise
         wanted = {f.name: getattr(abstract_state, f.name) for f in fields if f.name not in empty}
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted, strict=False)))["state"]
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted)))["state"]
         return dataclasses.replace(abstract_state, **restored, **empty)
 
     def restore_latest_good(self, abstract_for: Callable[[dict], Any]) -> tuple[int, Any, dict]:

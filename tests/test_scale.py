@@ -46,6 +46,7 @@ def run_steps(exp, batch: dict, steps: int = 2):
     return state, losses
 
 
+@pytest.mark.slow
 def test_fsdp_on_8_devices_equals_one_device(shapes_data_dir):
     """Same seed, same batch: data x FSDP on 8 devices gives one device's losses and parameters,
     and the FSDP-ruled tensors really are split (each device holds a quarter)."""
@@ -164,6 +165,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(shapes_data_dir, tmp_
     assert (ckpt_dir / "unreadable_4").is_dir()  # nothing the user had is deleted
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_names_the_step_or_is_skipped(shapes_data_dir, tmp_path):
     """A NaN batch stops the run naming its step; with skip_nonfinite the update is skipped."""
     exp = trainer.build_experiment(tiny(shapes_data_dir))

@@ -174,9 +174,9 @@ def test_chain_errors(config_only_workdirs, configs):
         bad = configs["sr32"].copy_and_resolve_references()
         bad.sr.lowres_size = 12
         trainer.build_experiment(bad)
-    with pytest.raises(ValueError, match="crop_size=20 must be"):
+    with pytest.raises(ValueError, match="crop_size=21 must be"):
         bad = configs["sr64"].copy_and_resolve_references()
-        bad.sr.crop_size = 20
+        bad.sr.crop_size = 21
         trainer.build_experiment(bad)
 
 
