@@ -89,7 +89,7 @@ WORKER = textwrap.dedent("""
     arrays = parallel.shard_batch(local, exp.mesh)
     for _ in range(2):
         state, metrics = step(state, exp.encoders.params, arrays)
-    params = jax.tree.map(lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x)), state.params)
+    params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)  # replicated: any local copy
     if jax.process_index() == 0:
         np.savez({out!r}, **{{jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}})
 """)
