@@ -18,15 +18,17 @@ Trained runs land in --workdir_root (default workdirs/ablation_experts/experts{E
 reused when finished, so a rerun only evaluates. Runs given by --workdir must have been
 trained on as many samples (steps x batch) as each other; otherwise the script stops.
 
-CPU time (2-core shared VM, jax 0.10.2), measured with the commands above:
-- `--smoke`: 166 s wall, 102 s CPU from scratch (three tiny trainings of 3 steps, each
-  compiling its expert phases' steps: that compilation is nearly all of it); 58 s wall in
-  the test suite, which reuses one trained workdir and a warm compilation cache.
-- full (1200 steps at batch 24 per variant, 96 prompts, 24 Heun steps): estimated, not run
-  here: about 3 x 15 min of training (the README quickstart's 1200 steps at batch 16 took
-  9 min 43 s; batch 24 is 1.5x the samples, and BENCHMARKS.md measures the 3-expert unrolled
-  step at 1.17x the single model's per-sample throughput) plus about 4 min of evaluation
-  (the sampling cost measured by guidance.py per 96 images), so about 50 min.
+CPU time (the project's 2-core VM, shared with other jobs; jax 0.10.2); CPU is the process
+time of all threads:
+- `--smoke` (measured, from scratch: cold compilation cache, data already prepared): 113 s
+  CPU, 128 s wall. Three tiny trainings of 3 steps, each tracing and compiling its expert
+  phases' train steps: that is nearly all of it, and it cannot shrink below three trainings.
+- full (1200 steps at batch 24 per layout, 96 captions, 24 Heun steps): estimated, not run:
+  about 55 min CPU / 50 min wall. Training: the quickstart's 1200 steps at batch 16 took
+  649 s CPU here (README: 9 min 43 s wall unloaded); batch 24 is 1.5x the samples, and
+  BENCHMARKS.md measures the CPU-default unrolled 3-expert step at 1.17x the single model's
+  per-sample throughput, so about 16 min CPU per layout. Evaluation: 85 s CPU per 96 images
+  (measured by guidance.py) per layout.
 """
 
 from __future__ import annotations
@@ -92,11 +94,11 @@ def denoising_loss(model: common.Model, images: Any, captions: Sequence[str], si
     noise = jax.random.normal(jax.random.PRNGKey(seed), x0.shape)
 
     @jax.jit
-    def loss_at(params: Any, sigma: jax.Array) -> jax.Array:
+    def loss_at(params: Any, x0: jax.Array, noise: jax.Array, cond: Any, sigma: jax.Array) -> jax.Array:
         model_fn = make_model_fn(model.exp.model, params, model.sigma_data, model.boundaries)
         return jnp.mean(edm.edm_loss(lambda x, s: model_fn(x, s, cond), x0, sigma, noise, model.sigma_data))
 
-    return [float(loss_at(model.params, jnp.float32(s))) for s in sigmas]
+    return [float(loss_at(model.params, x0, noise, cond, jnp.float32(s))) for s in sigmas]
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
