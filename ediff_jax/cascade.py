@@ -5,7 +5,9 @@ Each stage is its own model, checkpoint and mesh (a workdir written by
 each stage conditioned on the text and on the previous stage's images. A canvas larger
 than the base model (a panorama) is generated with MultiDiffusion and then goes through
 the SR stages either fully convolutionally (`sr_mode="full"`: the SR UNet on the whole
-canvas) or as MultiDiffusion tiles at SR resolution (`sr_mode="tiles"`).
+canvas) or as MultiDiffusion tiles at SR resolution (`sr_mode="tiles"`). Tiles are the
+stage's training size, or its training crop when it was trained on crops (`Stage.tile_size`),
+and `sr_mode="tiles"` applies to square outputs too.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ class Stage:
     @property
     def image_size(self) -> int:
         return int(self.config.data.image_size)
+
+    @property
+    def tile_size(self) -> int:
+        """MultiDiffusion tile side of this stage: its training crop when it was trained on crops.
+
+        Why: the UNet's GroupNorm statistics span the whole input, so a stage trained on crops
+        sees the statistics it was trained with only on crop-sized windows (on real photos a
+        32-pixel-crop stage lost 11 dB PSNR run whole; experiments/sr_photos.py).
+        """
+        return int(self.config.sr.crop_size) or self.image_size
 
     @property
     def lowres_size(self) -> int:
@@ -151,8 +163,8 @@ def run_cascade(
         common = dict(steps=s.steps, sampler=s.sampler, sigma_data=float(stage.config.edm.sigma_data),
                       progress=progress, boundaries=stage.exp.boundaries)
         lowres = dict(lowres=outputs[-1], aug_level=s.aug_level) if k else {}
-        if canvas and (k == 0 or sr_mode == "tiles"):
-            sampler = MultiDiffusionSampler(stage.exp.model, stage.exp.encoders, image_size=stage.image_size,
+        if (canvas and k == 0) or (k and sr_mode == "tiles"):
+            sampler = MultiDiffusionSampler(stage.exp.model, stage.exp.encoders, image_size=stage.tile_size,
                                             height=height, width=width, circular=circular, chunk_size=chunk_size,
                                             stride=stride * (stage.factor if k else 1) if stride else None,
                                             lowres_factor=stage.factor, **common)

@@ -89,6 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
     # to the low-res input and embeds that level; sampling picks one (aug_level).
     c.sr.aug_max = 0.5
     c.sr.aug_level = 0.1
+    # Residual parameterisation: the stage denoises x - up(lowres), up = bicubic upsampling
+    # of its (noise-augmented) low-res input, and adds up back: D'(x) = up + D(x - up).
+    # The network then learns only what bicubic misses (set edm.sigma_data to that
+    # residual's std, e.g. 0.1-0.2), so colours and layout cannot drift from the input.
+    c.sr.residual = False
 
     c.edm = ml_collections.ConfigDict()
     c.edm.sigma_data = 0.5
@@ -139,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
     # and count it in the metrics (True).
     c.train.skip_nonfinite = False
     c.train.log_mfu = True  # model FLOP utilisation from XLA's cost analysis (CPU: vs a measured matmul peak)
+    # Wall-clock budget of one run in minutes (0: none), counted from the start of
+    # train_and_evaluate (compilation and data preparation included): the run checkpoints
+    # and stops at the first step past it. Rerunning resumes for another budget.
+    c.train.max_minutes = 0.0
     c.train.profile_steps = ()  # (first, last) steps traced with jax.profiler into WORKDIR/profile
     c.train.log_every = 100
     c.train.ckpt_every = 5000

@@ -57,8 +57,8 @@ flags.DEFINE_multi_float("sr_guidance", None, "Cascade: guidance per SR stage (d
 flags.DEFINE_multi_float("aug_level", None, "Cascade: noise-augmentation level of the low-res input per SR stage "
                          "(default: each stage's config.sr.aug_level).")
 flags.DEFINE_multi_integer("sr_seed", None, "Cascade: seed per SR stage (default: --seed + stage index).")
-flags.DEFINE_enum("sr_mode", "full", ["full", "tiles"], "Cascade on a canvas: SR stages on the whole canvas (full) "
-                  "or as MultiDiffusion tiles.")
+flags.DEFINE_enum("sr_mode", "full", ["full", "tiles"], "Cascade: SR stages on the whole image or canvas (full) "
+                  "or as MultiDiffusion tiles of each stage's training size (its crop size if trained on crops).")
 FLAGS = flags.FLAGS
 
 

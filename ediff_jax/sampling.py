@@ -31,8 +31,12 @@ def make_model_fn(model: nn.Module, params: Any, sigma_data: float,
     """
 
     def single(p: Any) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
-        return edm.denoiser_from_network(lambda xs, c_noise, cond: model.apply({"params": p}, xs, c_noise, cond),
-                                         sigma_data)
+        denoise = edm.denoiser_from_network(lambda xs, c_noise, cond: model.apply({"params": p}, xs, c_noise, cond),
+                                            sigma_data)
+        if not getattr(model, "lowres_residual", False):
+            return denoise
+        # SR residual stages: up(lowres) + D(x - up), lowres from each call's cond (crops included)
+        return lambda x, sigma, cond: sr.residual_denoiser(denoise, cond["lowres"])(x, sigma, cond)
 
     if boundaries is None:
         return single(params)
@@ -170,12 +174,13 @@ def select_ema(config: Any, state: Any, ema_decay: float | None) -> Any:
 
 
 def load_workdir(workdir: str | Path, devices: list | None = None,
-                 ema_decay: float | None = None) -> tuple[Any, Any, Any]:
-    """Config, experiment and EMA params of a trained workdir (latest checkpoint).
+                 ema_decay: float | None = None, step: int | None = None) -> tuple[Any, Any, Any]:
+    """Config, experiment and EMA params of a trained workdir (latest checkpoint, or `step`).
 
     For an expert ensemble the params are stacked and `exp.boundaries` holds the sigma
     boundaries stored with the checkpoint; pass both to `make_model_fn` / `Sampler`.
     `ema_decay` picks one of the EMAs kept in training (default: config.train.ema_decay).
+    `step` loads that kept checkpoint instead of the newest (learning curves).
     """
     from ediff_jax import trainer
     from ediff_jax.checkpoints import Checkpointer, abstract_with_shardings
@@ -193,7 +198,15 @@ def load_workdir(workdir: str | Path, devices: list | None = None,
         abstract, shardings = trainer.state_shardings(exp, int(saved.get("progress", {}).get("phase", 0)))
         return abstract_with_shardings(abstract, shardings)
 
-    _, state, saved = ckpt.restore_latest_good(abstract_for)
+    if step is None:
+        _, state, saved = ckpt.restore_latest_good(abstract_for)
+    else:
+        if int(step) not in ckpt.all_steps():
+            ckpt.close()
+            raise FileNotFoundError(f"No checkpoint of step {step} in {ckpt.directory}; the kept steps are "
+                                    f"{ckpt.all_steps()}.")
+        saved = ckpt.read_meta(int(step))
+        state = ckpt.restore(abstract_for(saved), int(step))
     progress = saved.get("progress", {})
     ckpt.close()
     if exp.phases:

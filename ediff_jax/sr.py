@@ -68,6 +68,34 @@ def check_sr_config(config: Any) -> None:
             raise ValueError(f"config.sr.{key}={config.sr[key]} must be >= 0 (a noise std).")
 
 
+def is_residual(config: Any) -> bool:
+    """Whether an SR stage denoises the residual over bicubic upsampling (`config.sr.residual`)."""
+    if bool(config.sr.get("residual", False)) and not is_sr(config):
+        raise ValueError("config.sr.residual=True needs an SR stage (config.sr.lowres_size > 0): a base model "
+                         "has no low-res input to take the residual over. Set sr.residual=False.")
+    return bool(config.sr.get("residual", False))
+
+
+def upsample_lowres(lowres: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Bicubic upsampling of low-res inputs [B, h, w, C] to `shape` [B, H, W, C]."""
+    return jax.image.resize(lowres.astype(jnp.float32), shape, method="cubic").astype(lowres.dtype)
+
+
+def residual_denoiser(denoise: Any, lowres: jax.Array) -> Any:
+    """D'(x; sigma, ...) = up + D(x - up; sigma, ...), up = bicubic(lowres) at x's size.
+
+    Why: EDM's D then denoises only the detail bicubic upsampling misses; trained with the
+    EDM loss on images, ||D'(x) - x0|| = ||D(r + sigma n) - r|| with r = x0 - up, i.e. the
+    plain EDM loss on residuals. `lowres` is the (noise-augmented) input the model sees.
+    """
+
+    def wrapped(x: jax.Array, sigma: Any, *args: Any, **kwargs: Any) -> jax.Array:
+        up = upsample_lowres(lowres, x.shape)
+        return up + denoise(x - up, sigma, *args, **kwargs)
+
+    return wrapped
+
+
 def degradation_config(config: Any) -> Mapping[str, Any] | None:
     """The degradation mapping the input pipeline takes for `config.sr.degradation`."""
     if str(config.sr.degradation) == "none":

@@ -72,6 +72,8 @@ def model_meta(config: ml_collections.ConfigDict) -> dict:
     }
     if sr.is_sr(config):
         out["sr"] = {"lowres_size": int(config.sr.lowres_size), "crop_size": int(config.sr.crop_size)}
+        if sr.is_residual(config):  # only when set: checkpoints from before the option stay compatible
+            out["sr"]["residual"] = True
     return out
 
 
@@ -184,7 +186,8 @@ def build_experiment(config: ml_collections.ConfigDict, devices: list | None = N
     validate_config(config)
     sr.check_sr_config(config)
     # An SR stage is the same UNet with the low-res input path, which follows from config.sr.
-    model = build_model({**config.model.to_dict(), "lowres_cond": sr.is_sr(config)})
+    model = build_model({**config.model.to_dict(), "lowres_cond": sr.is_sr(config),
+                         "lowres_residual": sr.is_residual(config)})
     check_image_size(model, int(config.data.image_size))
     check_image_size(model, sr.train_size(config))
     phases, phase_ends = _expert_phases(config)
@@ -275,7 +278,10 @@ def make_update(exp: Experiment) -> Callable[..., tuple]:
 
     def losses(p: Any, images: jax.Array, cond: Any, sigma: jax.Array, noise: jax.Array, r_dropout: jax.Array):
         net = lambda xs, c_noise: model.apply({"params": p}, xs, c_noise, cond, train=True, rngs={"dropout": r_dropout})
-        per_example = edm.edm_loss(edm.denoiser_from_network(net, sigma_data), images, sigma, noise, sigma_data)
+        denoise = edm.denoiser_from_network(net, sigma_data)
+        if model.lowres_residual:
+            denoise = sr.residual_denoiser(denoise, cond["lowres"])
+        per_example = edm.edm_loss(denoise, images, sigma, noise, sigma_data)
         return jnp.mean(per_example), per_example
 
     grad_fn = jax.value_and_grad(losses, has_aux=True)
@@ -526,10 +532,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
 
     `stop_after` ends this run early at that step, with a checkpoint (as a preempted job
     would); rerunning resumes exactly where it stopped. SIGTERM does the same at the
-    step in flight. Only process 0 writes logs, metrics, config and sample grids.
+    step in flight, and so does `config.train.max_minutes` once that much wall time has
+    passed (time-boxed runs, e.g. the 60-minute shapes benchmark). Only process 0 writes logs, metrics, config and sample grids.
     """
     from ediff_jax.data import pipeline  # deferred: importing TF is slow and notebooks may not need it
 
+    started = time.perf_counter()
+    max_seconds = 60.0 * float(config.train.get("max_minutes", 0.0) or 0.0)
+    if max_seconds < 0:
+        raise ValueError(f"config.train.max_minutes={config.train.max_minutes} is negative; use 0 for no time budget.")
     workdir = ensure_writable_dir(workdir)
     exp = build_experiment(config)
     builder = pipeline.builder_from_config(config.data)
@@ -594,7 +605,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
                 logs.info(f"Profile of steps {profile[0]}-{profile[-1]} written to {workdir / 'profile'}")
             history.append(metrics)
             bar.update(1)
-            stop = preemption.should_stop()
+            out_of_time = bool(max_seconds) and step < last and time.perf_counter() - started >= max_seconds
+            stop = preemption.should_stop() or out_of_time
             if step % log_every == 0 or step == last or stop:
                 try:
                     scalars = summarize(history, step - len(history) + 1, skip_nonfinite)
@@ -615,7 +627,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
                 ckpt.save(step, state, {**meta, "progress": progress_meta(exp, phase)},
                           force=step == last or phase_end or stop)
             if stop:
-                logs.info(f"SIGTERM: saved step {step} to {ckpt.directory}; rerun the same command to resume.")
+                why = f"time budget of {config.train.max_minutes:g} min spent" if out_of_time else "SIGTERM"
+                logs.info(f"{why}: saved step {step} to {ckpt.directory}; rerun the same command to resume.")
                 last = step
                 break
             if config.train.sample_every and step % int(config.train.sample_every) == 0 and step != num_steps:

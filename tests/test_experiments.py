@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from experiments import shapes_benchmark
 from experiments.ablations import common, encoders, experts, guidance, pww_weight, stride
 
 
@@ -176,3 +177,38 @@ def test_validation_examples_match_the_dataset_captions():
     assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
     for caption in captions:
         parse_prompt(caption)
+
+
+@pytest.mark.slow
+def test_shapes_benchmark_smoke(smoke_workdir, tmp_path):
+    """The reference-run scorer on a trained workdir: a row per kept checkpoint, the breakdown, the plots."""
+    rows = shapes_benchmark.main(["--workdir", str(smoke_workdir), "--out", str(tmp_path), "--smoke"])
+    table = check_outputs(tmp_path, rows, "step", [common.SMOKE_TRAIN_STEPS], ["curve.png", "samples.png"])
+    assert int(table[0]["num_one_object"]) == 18 and int(table[0]["num_two_object"]) == 8
+    for key in shapes_benchmark.GOALS:
+        assert_accuracy(rows[0][key])
+    assert "| red |" in (tmp_path / "breakdown.md").read_text()
+
+
+def test_wilson_interval_matches_closed_forms():
+    """0 of n: the upper end is z^2 / (n + z^2); 50 of 100: the textbook (0.404, 0.596)."""
+    lo, hi = shapes_benchmark.wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(1.96**2 / (10 + 1.96**2))
+    lo, hi = shapes_benchmark.wilson_interval(50, 100)
+    assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert all(math.isnan(v) for v in shapes_benchmark.wilson_interval(0, 0))
+
+
+def test_benchmark_prompts_cover_every_object_and_parse():
+    """One-object prompts: every colour x shape equally often; relation prompts: two colours, a relation, seeded."""
+    from ediff_jax.data.shapes import COLORS, SHAPES
+    from ediff_jax.eval.prompts import parse_prompt
+
+    one = shapes_benchmark.one_object_prompts(3)
+    assert len(one) == 3 * len(COLORS) * len(SHAPES) and len(set(one)) == len(COLORS) * len(SHAPES)
+    two = shapes_benchmark.relation_prompts(50, seed=1)
+    assert two == shapes_benchmark.relation_prompts(50, seed=1) != shapes_benchmark.relation_prompts(50, seed=2)
+    for prompt in two:
+        parsed = parse_prompt(prompt)
+        assert parsed.relation is not None and len(parsed.objects) == 2
+        assert parsed.objects[0].color != parsed.objects[1].color

@@ -82,6 +82,51 @@ def test_aug_level_zero_leaves_lowres_unchanged():
     assert level.shape == (4,) and np.all((np.asarray(level) >= 0) & (np.asarray(level) <= 0.3))
 
 
+def test_residual_denoiser_is_the_edm_loss_on_residuals():
+    """D'(x) = up + D(x - up) with up = bicubic(lowres): zero D gives bicubic upsampling, and the EDM
+    loss of D' on images equals the EDM loss of D on the residuals images - up (closed form)."""
+    from ediff_jax import edm
+
+    rng = np.random.default_rng(0)
+    lowres = jnp.asarray(rng.uniform(-1, 1, (3, 4, 4, 3)), jnp.float32)
+    images = jnp.asarray(rng.uniform(-1, 1, (3, 16, 16, 3)), jnp.float32)
+    up = jax.image.resize(lowres, (3, 16, 16, 3), method="cubic")
+    zero = sr.residual_denoiser(lambda x, sigma: jnp.zeros_like(x), lowres)
+    np.testing.assert_allclose(np.asarray(zero(images, jnp.ones((3,)))), np.asarray(up), atol=1e-6)
+    denoise = lambda x, sigma: 0.7 * x + 0.1 * jnp.sin(3 * x)  # noqa: E731  (any nonlinear D)
+    sigma = jnp.asarray([0.05, 0.8, 12.0])
+    noise = jnp.asarray(rng.normal(size=images.shape), jnp.float32)
+    ours = edm.edm_loss(sr.residual_denoiser(denoise, lowres), images, sigma, noise, 0.2)
+    direct = edm.edm_loss(denoise, images - up, sigma, noise, 0.2)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(direct), rtol=1e-5)
+
+
+def test_residual_stage_reads_its_network_as_a_residual(configs):
+    """make_model_fn of a residual stage = bicubic(lowres) + the plain stage's D at x - up, same weights;
+    sr.residual on a base model is refused at the boundary."""
+    from ediff_jax.sampling import make_model_fn
+
+    plain_config = configs["sr32"].copy_and_resolve_references()
+    residual_config = plain_config.copy_and_resolve_references()
+    residual_config.sr.residual = True
+    plain, residual = trainer.build_experiment(plain_config), trainer.build_experiment(residual_config)
+    assert residual.model.lowres_residual and not plain.model.lowres_residual
+    assert trainer.model_meta(residual_config)["sr"]["residual"] and "residual" not in trainer.model_meta(plain_config)["sr"]
+    cond = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), plain.example_cond(2))
+    cond["lowres"] = jax.random.uniform(jax.random.PRNGKey(1), cond["lowres"].shape, minval=-1, maxval=1)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
+    params = plain.model.init(jax.random.PRNGKey(0), x, jnp.zeros((2,)), cond)["params"]
+    sigma = jnp.asarray([0.3, 3.0])
+    up = jax.image.resize(cond["lowres"], x.shape, method="cubic")
+    ours = make_model_fn(residual.model, params, 0.5)(x, sigma, cond)
+    expected = up + make_model_fn(plain.model, params, 0.5)(x - up, sigma, cond)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), atol=1e-5)
+    base = configs["base"].copy_and_resolve_references()
+    base.sr.residual = True
+    with pytest.raises(ValueError, match="sr.residual=True needs an SR stage"):
+        trainer.build_experiment(base)
+
+
 @pytest.mark.parametrize("name, out, low, train", [("sr32", 32, 16, 32), ("sr64", 64, 32, 32)])
 def test_stage_shapes(configs, name, out, low, train):
     """Each stage maps (x [B, out, out, 3], lowres [B, low, low, 3]) to [B, out, out, 3]; the
@@ -203,3 +248,13 @@ def test_two_expert_sr_stage_traces(shapes_data_dir):
              **jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.encoders.tokenize(["a"] * 8))}
     new_state, metrics = jax.eval_shape(trainer.make_train_step(exp, 1), abstract, exp.encoders.params, batch)
     assert metrics["loss/expert_1"].shape == () and jax.tree.leaves(new_state.params)[0].shape[0] == 2
+
+
+def test_crop_trained_stage_tiles_at_its_crop(config_only_workdirs):
+    """A stage trained on crops is tiled at the crop (GroupNorm sees training-sized windows);
+    others at their image size."""
+    from ediff_jax.cascade import Stage
+    from ediff_jax.sampling import read_workdir_config
+
+    sizes = {name: Stage(path, read_workdir_config(path)).tile_size for name, path in config_only_workdirs.items()}
+    assert sizes == {"base": 16, "sr32": 32, "sr64": 32}

@@ -114,13 +114,40 @@ def test_run_writes_checkpoints_metrics_and_grid(trained_workdir):
 
 
 def test_longer_rerun_resumes(tiny_config, trained_workdir, tmp_path):
+    """A time-boxed rerun stops at the first step past its budget with a checkpoint; the next rerun goes on."""
     workdir = tmp_path / "wd"
     shutil.copytree(trained_workdir, workdir)
     longer = tiny_config.copy_and_resolve_references()
     longer.train.num_steps = 6
+    longer.train.max_minutes = 1e-9  # spent before the first step ends
+    boxed = trainer.train_and_evaluate(longer, workdir)
+    assert int(boxed.step) == 5
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 5
+    longer.train.max_minutes = 0.0
     resumed = trainer.train_and_evaluate(longer, workdir)
     assert int(resumed.step) == 6
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 6
+
+
+def test_load_workdir_at_a_kept_step(trained_workdir):
+    """`step` restores that checkpoint (learning curves); a step not kept is named with the kept ones."""
+    from ediff_jax.sampling import load_workdir
+
+    _, _, at_2 = load_workdir(trained_workdir, step=2)
+    _, _, latest = load_workdir(trained_workdir)
+    _, _, at_4 = load_workdir(trained_workdir, step=4)
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
+    assert same(latest, at_4) and not same(at_2, at_4)
+    with pytest.raises(FileNotFoundError, match=r"step 3 .*\[2, 4\]"):
+        load_workdir(trained_workdir, step=3)
+
+
+def test_negative_time_budget_is_refused(tiny_config, tmp_path):
+    bad = tiny_config.copy_and_resolve_references()
+    bad.train.max_minutes = -1.0
+    with pytest.raises(ValueError, match="max_minutes"):
+        trainer.train_and_evaluate(bad, tmp_path / "wd")
+    assert not (tmp_path / "wd" / "checkpoints").exists()
 
 
 def test_sample_from_workdir(trained_workdir, tmp_path):

@@ -70,6 +70,9 @@ class UNet(nn.Module):
       lowres_cond: if True, `lowres` and `aug_level` must be given (SR stages), as keyword
         arguments or as cond["lowres"] / cond["aug_level"] (which is how the samplers,
         guidance and MultiDiffusion pass them along with the text).
+      lowres_residual: SR stages only: the network denoises x - bicubic(lowres) and the
+        samplers and the loss add bicubic(lowres) back (`sr.residual_denoiser`); the
+        network itself is unchanged, the flag says how its output is read.
       pww_mode: paint-with-words statistic of QK^T scaling the bias, "max" (eDiff-I) or "std".
     """
 
@@ -89,6 +92,7 @@ class UNet(nn.Module):
     dtype: Any = "float32"
     remat: bool = False
     lowres_cond: bool = False
+    lowres_residual: bool = False
     pww_mode: str = "max"
 
     def _blocks_per_level(self) -> list[int]:

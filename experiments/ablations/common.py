@@ -208,6 +208,13 @@ def load_model(workdir: str | Path) -> Model:
     return Model(workdir, config, exp, params)
 
 
+def load_model_params(workdir: str | Path, step: int) -> Any:
+    """The EMA parameters of checkpoint `step` of a workdir (learning curves)."""
+    from ediff_jax.sampling import load_workdir
+
+    return load_workdir(Path(workdir).expanduser(), step=step)[2]
+
+
 # ---------------------------------------------------------------------------------------
 # Evaluation set, sampling and scoring
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,231 @@
+"""The reference run (issue #9): train `configs/shapes_benchmark.py` for at most 60 CPU minutes,
+then score what it draws.
+
+  python experiments/shapes_benchmark.py --workdir workdirs/shapes_benchmark \\
+      --out experiments/results/shapes_benchmark
+  python experiments/shapes_benchmark.py --out /tmp/shapes_bench --smoke      # the tests run this
+
+Two prompt sets, scored from pixels by `ediff_jax.eval` (colour blobs, shape, relation):
+- one object: all 18 `a {colour} {shape}` prompts, `--num_per_prompt` images each; counted
+  correct when an object of that colour has that shape (goal: >= 95%);
+- two objects with a relation: `--num_relation` seeded random `a {cA} {sA} {relation} a {cB}
+  {sB}` prompts (cA != cB, as in the data), one image each, correct when both colours, both
+  shapes and the relation are right (goal: >= 85%).
+
+Every kept checkpoint is scored (the last with all prompts, the earlier ones with a quarter,
+`--curve_fraction`), so the table is a learning curve. Accuracies come with 95% Wilson
+intervals: with 144 images an accuracy is known to about +-4 points. Writes results.md/.csv,
+breakdown.md (the last checkpoint per colour, shape and relation), curve.png and samples.png.
+
+A workdir that already holds checkpoints is evaluated as it is (a run stopped by its time
+box included); without checkpoints the config is trained first (`/usr/bin/time` around
+this script gives the training's wall time; the trainer's log prints it too).
+
+CPU time (the project's 2-core VM), measured: `--smoke` from scratch 30-40 s; scoring the
+60-minute run with the defaults: see BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.ablations import common
+
+CONFIG = common.REPO / "configs" / "shapes_benchmark.py"
+DEFAULT_WORKDIR = common.REPO / "workdirs" / "shapes_benchmark"
+GOALS = {"one_object_color_shape_accuracy": 0.95, "two_object_relation_accuracy": 0.85}
+COLUMNS = ("step", "train_samples", "one_object_color_shape_accuracy", "one_object_ci95", "num_one_object",
+           "two_object_relation_accuracy", "two_object_ci95", "num_two_object", "color_accuracy", "shape_accuracy",
+           "relation_accuracy", "goals_met", "sample_seconds")
+
+
+def one_object_prompts(num_per_prompt: int) -> list[str]:
+    """Every colour x shape, `num_per_prompt` times each (consecutive copies)."""
+    from ediff_jax.data.shapes import COLORS, SHAPES
+
+    return [f"a {c} {s}" for c in COLORS for s in SHAPES for _ in range(num_per_prompt)]
+
+
+def relation_prompts(count: int, seed: int = 0) -> list[str]:
+    """`count` seeded random two-object relation prompts with two different colours."""
+    import numpy as np
+
+    from ediff_jax.data.shapes import COLORS, RELATIONS, SHAPES
+
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(count):
+        ca, cb = rng.choice(len(COLORS), size=2, replace=False)
+        sa, sb = rng.integers(len(SHAPES), size=2)
+        relation = RELATIONS[rng.integers(len(RELATIONS))]
+        prompts.append(f"a {COLORS[ca]} {SHAPES[sa]} {relation} a {COLORS[cb]} {SHAPES[sb]}")
+    return prompts
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sound near 0 and 1, unlike +-2 SE)."""
+    if total == 0:
+        return (math.nan, math.nan)
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def score(images_one: Any, prompts_one: Sequence[str], images_two: Any, prompts_two: Sequence[str]) -> tuple[dict, list]:
+    """The table row's accuracies (with intervals) and the per-image results."""
+    from ediff_jax.eval import aggregate_alignment, score_alignment_batch
+
+    one = score_alignment_batch(images_one, list(prompts_one))
+    two = score_alignment_batch(images_two, list(prompts_two))
+    agg = aggregate_alignment(one + two)
+    ok_one = sum(r.color_ok and r.shape_ok for r in one)
+    ok_two = sum(r.all_ok for r in two)
+    row = {
+        "one_object_color_shape_accuracy": agg["one_object_color_shape_accuracy"],
+        "one_object_ci95": "{:.3f}-{:.3f}".format(*wilson_interval(ok_one, len(one))),
+        "num_one_object": len(one),
+        "two_object_relation_accuracy": agg["two_object_relation_accuracy"],
+        "two_object_ci95": "{:.3f}-{:.3f}".format(*wilson_interval(ok_two, len(two))),
+        "num_two_object": len(two),
+        "color_accuracy": agg["color_accuracy"],
+        "shape_accuracy": agg["shape_accuracy"],
+        "relation_accuracy": agg["relation_accuracy"],
+    }
+    row["goals_met"] = all(row[k] >= goal for k, goal in GOALS.items())
+    return row, one + two
+
+
+def breakdown(results: Sequence[Any]) -> list[str]:
+    """Markdown tables: accuracy by colour and shape (one object) and by relation (two objects)."""
+    from ediff_jax.data.shapes import COLORS, RELATIONS, SHAPES
+
+    one = [r for r in results if len(r.parsed.objects) == 1]
+    two = [r for r in results if r.parsed.relation is not None]
+    lines = ["## One object: colour and shape correct", "", "| colour | " + " | ".join(SHAPES) + " |",
+             "|---|" + "---|" * len(SHAPES)]
+    for color in COLORS:
+        cells = []
+        for shape in SHAPES:
+            hits = [r.color_ok and r.shape_ok for r in one
+                    if r.parsed.objects[0].color == color and r.parsed.objects[0].shape == shape]
+            cells.append(f"{sum(hits)}/{len(hits)}")
+        lines.append(f"| {color} | " + " | ".join(cells) + " |")
+    lines += ["", "## Two objects with a relation", "", "| relation | both colours | both shapes | relation | all |",
+              "|---|---|---|---|---|"]
+    for relation in RELATIONS:
+        rs = [r for r in two if r.parsed.relation == relation]
+        count = lambda flags: f"{sum(flags)}/{len(rs)}"  # noqa: E731
+        lines.append(f"| {relation} | {count([r.color_ok for r in rs])} | {count([r.shape_ok for r in rs])} | "
+                     f"{count([bool(r.relation_ok) for r in rs])} | {count([r.all_ok for r in rs])} |")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    p = common.base_parser(__doc__)
+    p.add_argument("--workdir", default=None,
+                   help=f"The run to score (default: {DEFAULT_WORKDIR}, trained first when it has no checkpoint; "
+                        "with --smoke a tiny model trained into OUT/workdir).")
+    p.add_argument("--num_per_prompt", type=int, default=8, help="Images per one-object prompt (18 prompts).")
+    p.add_argument("--num_relation", type=int, default=144, help="Two-object relation prompts (one image each).")
+    p.add_argument("--curve_fraction", type=float, default=0.25,
+                   help="Share of the prompts used for the checkpoints before the last (0: score the last only).")
+    p.add_argument("--guidance", type=float, default=None, help="Guidance scale (default: the workdir's config).")
+    p.add_argument("--steps", type=int, default=None, help="Sampler steps (default: the workdir's config).")
+    p.add_argument("--batch", type=int, default=48, help="Images per sampler call (one compiled program).")
+    args = p.parse_args(argv)
+    common.configure_smoke_runtime(args.smoke)
+    common.smoke_overrides(args, num_per_prompt=1, num_relation=8, batch=8, steps=common.SMOKE_SAMPLER_STEPS)
+    for name in ("num_per_prompt", "num_relation", "batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.curve_fraction <= 1:
+        p.error(f"--curve_fraction must lie in [0, 1], got {args.curve_fraction}")
+
+    import numpy as np
+
+    from ediff_jax.checkpoints import Checkpointer
+    from ediff_jax.images import ensure_writable_dir
+
+    out = ensure_writable_dir(args.out)
+    clock = common.Clock()
+    workdir = _trained_workdir(args, out)
+    ckpt = Checkpointer(workdir, async_save=False)
+    steps = ckpt.all_steps()
+    ckpt.close()
+    model = common.load_model(workdir)  # the newest checkpoint: its config, encoders and sampler settings
+    sampler = model.sampler(args.steps)
+    guidance = model.guidance if args.guidance is None else args.guidance
+    checkpoints = steps if args.curve_fraction > 0 else steps[-1:]
+
+    rows = []
+    for step in checkpoints:
+        last = step == steps[-1]
+        share = 1.0 if last else args.curve_fraction
+        prompts_one = one_object_prompts(max(1, round(args.num_per_prompt * share)))
+        prompts_two = relation_prompts(max(1, round(args.num_relation * share)), seed=args.seed)
+        params = model.params if last else common.load_model_params(workdir, step)
+        sample_clock = common.Clock()
+        draw = lambda chunk, **kw: sampler(params, chunk, guidance=guidance, **kw)  # noqa: E731
+        images_one = common.sample_batched(draw, prompts_one, args.batch, args.seed)
+        images_two = common.sample_batched(draw, prompts_two, args.batch, args.seed + 10_000)
+        row, results = score(images_one, prompts_one, images_two, prompts_two)
+        rows.append({"step": step, "train_samples": step * int(model.config.train.batch_size), **row,
+                     "sample_seconds": sample_clock.wall})
+        print(f"step {step}: one object {row['one_object_color_shape_accuracy']:.3f} ({row['one_object_ci95']}), "
+              f"two objects with a relation {row['two_object_relation_accuracy']:.3f} ({row['two_object_ci95']})",
+              flush=True)
+    (out / "breakdown.md").write_text("\n".join([f"# Step {steps[-1]}, guidance {guidance:g}", "",
+                                                 *breakdown(results)]) + "\n")
+
+    final = rows[-1]
+    notes = [
+        f"Model: `{workdir}`, {model.config.train.batch_size} images per step. Sampler: {args.steps or model.sampler_steps} "
+        f"{model.sampler_name} steps, guidance {guidance:g}, seed {args.seed}.",
+        f"Goals: one-object colour and shape >= {GOALS['one_object_color_shape_accuracy']:.0%}, two-object prompts "
+        f"with a relation fully correct >= {GOALS['two_object_relation_accuracy']:.0%}. Last checkpoint: "
+        f"{'met' if final['goals_met'] else 'not met'}.",
+        f"Earlier checkpoints are scored on {args.curve_fraction:.0%} of the prompts. Intervals: 95% Wilson.",
+        f"Command: `python experiments/shapes_benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}`. "
+        f"{clock.summary()}.",
+    ]
+    if args.smoke:
+        notes.insert(0, "Smoke run (--smoke): a tiny, barely trained model; numbers meaningless, the pipeline is real.")
+    common.write_results(out, rows, COLUMNS, "ediff_shapes reference run: prompt accuracy", notes)
+    common.plot_metrics(rows, "step", ["one_object_color_shape_accuracy", "two_object_relation_accuracy"],
+                        out / "curve.png", title="Accuracy over training (goals: 0.95 and 0.85)", xlabel="train step")
+    cols = min(8, len(images_one), len(images_two))
+    pick_one = np.linspace(0, len(images_one) - 1, cols).astype(int)  # spread over colours and shapes
+    common.save_grid(np.concatenate([images_one[pick_one], images_two[:cols]]), out / "samples.png", cols=cols)
+    print(f"Wrote results.md, results.csv, breakdown.md, curve.png and samples.png to {out} ({clock.summary()}).")
+    return rows
+
+
+def _trained_workdir(args: Any, out: Path) -> Path:
+    """--workdir as it is when it has checkpoints; otherwise train the benchmark (or smoke) config into it."""
+    from ediff_jax.checkpoints import Checkpointer
+
+    if args.smoke and args.workdir is None:
+        return common.default_workdir(args, out)
+    workdir = Path(args.workdir or DEFAULT_WORKDIR).expanduser()
+    if (workdir / "checkpoints").exists():
+        ckpt = Checkpointer(workdir, async_save=False)
+        has_checkpoint = ckpt.latest_step() is not None
+        ckpt.close()
+        if has_checkpoint:
+            print(f"Scoring the checkpoints in {workdir} as they are.", flush=True)
+            return workdir
+    from ediff_jax.config_utils import load_config
+
+    config = load_config(str(CONFIG))
+    config.data.data_dir = args.data_dir
+    return common.train_or_reuse(config, workdir)
+
+
+if __name__ == "__main__":
+    main()
