@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import shapes_benchmark
+from experiments import pww_figure, shapes_benchmark
 from experiments.ablations import common, encoders, experts, guidance, pww_weight, stride
 
 
@@ -212,3 +212,12 @@ def test_benchmark_prompts_cover_every_object_and_parse():
         parsed = parse_prompt(prompt)
         assert parsed.relation is not None and len(parsed.objects) == 2
         assert parsed.objects[0].color != parsed.objects[1].color
+
+
+@pytest.mark.slow
+def test_pww_figure_smoke(smoke_workdir, tmp_path):
+    """Two rows (w' = 0, then w'), each the painting then the samples; the painting shows both boxes."""
+    grid = pww_figure.main(["--workdir", str(smoke_workdir), "--out", str(tmp_path / "pww.png"), "--num", "2"])
+    assert (tmp_path / "pww.png").exists() and grid.shape[0] > grid.shape[1] / 3 > 0
+    painted = pww_figure.painting(32)
+    assert (painted == (220, 40, 40)).all(-1)[:16, 16:].any() and (painted == (40, 80, 220)).all(-1)[16:, :16].any()

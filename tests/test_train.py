@@ -200,6 +200,9 @@ def test_long_prompt_is_truncated_with_warning(exp, caplog):
     tokens = exp.encoders.tokenize([prompt])
     assert tokens["t5_ids"].shape == (1, exp.config.text.t5_max_length)
     assert "truncated" in caplog.text
+    caplog.clear()  # the same caption again (the next epoch of a training loop): no second warning
+    exp.encoders.tokenize([prompt, "a red circle"])
+    assert "truncated" not in caplog.text
 
 
 def test_cli_reports_bad_config_key_without_traceback(tmp_path):

@@ -35,6 +35,9 @@ class TextEncoders:
     clip_tokenizer: Any
     t5_max_length: int
     clip_max_length: int
+    # (encoder, prompt) pairs already reported as truncated: a training loop tokenizes the
+    # same long caption every epoch, and one warning per caption is enough.
+    _warned: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
         """Tokenizes for both encoders; prompts over the limit are truncated with a warning."""
@@ -46,9 +49,10 @@ class TextEncoders:
         ):
             full = tok(prompts, padding=False, truncation=False)["input_ids"]
             for prompt, ids in zip(prompts, full):
-                if len(ids) > max_len:
+                if len(ids) > max_len and (name, prompt) not in self._warned:
+                    self._warned.add((name, prompt))
                     logging.warning(
-                        "Prompt %r is %d %s tokens, over the limit of %d: it is truncated.",
+                        "Prompt %r is %d %s tokens, over the limit of %d: it is truncated (reported once).",
                         prompt, len(ids), name.upper(), max_len,
                     )
             enc = tok(prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
