@@ -153,5 +153,20 @@ class Checkpointer:
         self.manager.close()
 
 
+def kept_steps(workdir: str | Path) -> list[int]:
+    """The checkpoint steps a workdir holds, ascending ([] when it has none).
+
+    Reads only: a workdir without a `checkpoints` folder is not given one (Checkpointer
+    would create it), and the manager is closed again before returning.
+    """
+    if not (Path(workdir).expanduser() / "checkpoints").is_dir():
+        return []
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        return ckpt.all_steps()
+    finally:
+        ckpt.close()
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)

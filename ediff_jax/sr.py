@@ -70,10 +70,11 @@ def check_sr_config(config: Any) -> None:
 
 def is_residual(config: Any) -> bool:
     """Whether an SR stage denoises the residual over bicubic upsampling (`config.sr.residual`)."""
-    if bool(config.sr.get("residual", False)) and not is_sr(config):
+    residual = bool(config.sr.get("residual", False))
+    if residual and not is_sr(config):
         raise ValueError("config.sr.residual=True needs an SR stage (config.sr.lowres_size > 0): a base model "
                          "has no low-res input to take the residual over. Set sr.residual=False.")
-    return bool(config.sr.get("residual", False))
+    return residual
 
 
 def upsample_lowres(lowres: jax.Array, shape: tuple[int, ...]) -> jax.Array:

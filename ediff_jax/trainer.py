@@ -533,7 +533,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     `stop_after` ends this run early at that step, with a checkpoint (as a preempted job
     would); rerunning resumes exactly where it stopped. SIGTERM does the same at the
     step in flight, and so does `config.train.max_minutes` once that much wall time has
-    passed (time-boxed runs, e.g. the 60-minute shapes benchmark). Only process 0 writes logs, metrics, config and sample grids.
+    passed (time-boxed runs, e.g. the 60-minute shapes benchmark). Only process 0 writes
+    logs, metrics, config and sample grids.
     """
     from ediff_jax.data import pipeline  # deferred: importing TF is slow and notebooks may not need it
 

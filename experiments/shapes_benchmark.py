@@ -77,7 +77,8 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def score(images_one: Any, prompts_one: Sequence[str], images_two: Any, prompts_two: Sequence[str]) -> tuple[dict, list]:
+def score(images_one: Any, prompts_one: Sequence[str], images_two: Any,
+          prompts_two: Sequence[str]) -> tuple[dict, list]:
     """The table row's accuracies (with intervals) and the per-image results."""
     from ediff_jax.eval import aggregate_alignment, score_alignment_batch
 
@@ -149,15 +150,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     import numpy as np
 
-    from ediff_jax.checkpoints import Checkpointer
+    from ediff_jax.checkpoints import kept_steps
     from ediff_jax.images import ensure_writable_dir
 
     out = ensure_writable_dir(args.out)
     clock = common.Clock()
     workdir = _trained_workdir(args, out)
-    ckpt = Checkpointer(workdir, async_save=False)
-    steps = ckpt.all_steps()
-    ckpt.close()
+    steps = kept_steps(workdir)
     model = common.load_model(workdir)  # the newest checkpoint: its config, encoders and sampler settings
     sampler = model.sampler(args.steps)
     guidance = model.guidance if args.guidance is None else args.guidance
@@ -185,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     final = rows[-1]
     notes = [
-        f"Model: `{workdir}`, {model.config.train.batch_size} images per step. Sampler: {args.steps or model.sampler_steps} "
+        f"Model: `{workdir}`, {model.config.train.batch_size} images per step. "
+        f"Sampler: {args.steps or model.sampler_steps} "
         f"{model.sampler_name} steps, guidance {guidance:g}, seed {args.seed}.",
         f"Goals: one-object colour and shape >= {GOALS['one_object_color_shape_accuracy']:.0%}, two-object prompts "
         f"with a relation fully correct >= {GOALS['two_object_relation_accuracy']:.0%}. Last checkpoint: "
@@ -194,9 +194,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"Command: `python experiments/shapes_benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}`. "
         f"{clock.summary()}.",
     ]
-    if args.smoke:
-        notes.insert(0, "Smoke run (--smoke): a tiny, barely trained model; numbers meaningless, the pipeline is real.")
-    common.write_results(out, rows, COLUMNS, "ediff_shapes reference run: prompt accuracy", notes)
+    common.write_results(out, rows, COLUMNS, "ediff_shapes reference run: prompt accuracy", notes, smoke=args.smoke)
     common.plot_metrics(rows, "step", ["one_object_color_shape_accuracy", "two_object_relation_accuracy"],
                         out / "curve.png", title="Accuracy over training (goals: 0.95 and 0.85)", xlabel="train step")
     cols = min(8, len(images_one), len(images_two))
@@ -208,18 +206,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 def _trained_workdir(args: Any, out: Path) -> Path:
     """--workdir as it is when it has checkpoints; otherwise train the benchmark (or smoke) config into it."""
-    from ediff_jax.checkpoints import Checkpointer
+    from ediff_jax.checkpoints import kept_steps
 
     if args.smoke and args.workdir is None:
         return common.default_workdir(args, out)
     workdir = Path(args.workdir or DEFAULT_WORKDIR).expanduser()
-    if (workdir / "checkpoints").exists():
-        ckpt = Checkpointer(workdir, async_save=False)
-        has_checkpoint = ckpt.latest_step() is not None
-        ckpt.close()
-        if has_checkpoint:
-            print(f"Scoring the checkpoints in {workdir} as they are.", flush=True)
-            return workdir
+    if kept_steps(workdir):
+        print(f"Scoring the checkpoints in {workdir} as they are.", flush=True)
+        return workdir
     from ediff_jax.config_utils import load_config
 
     config = load_config(str(CONFIG))

@@ -41,6 +41,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from ediff_jax import edm, trainer
+from ediff_jax.checkpoints import kept_steps
 from ediff_jax.config_utils import load_config
 from ediff_jax.data.photos import HELDOUT_PHOTOS, load_photo, photo_caption
 from ediff_jax.images import save_png, to_uint8
@@ -148,7 +149,8 @@ def write_table(rows: list[dict], workdir: Path, steps: int, config) -> None:
         writer.writerows(rows + [mean])
     lines = [
         f"x{int(config.data.image_size) // int(config.sr.lowres_size)} SR on held-out photos, "
-        f"{_trained_steps(workdir)} training steps{' (residual over bicubic)' if config.sr.get('residual') else ''}; "
+        f"{(kept_steps(workdir) or [0])[-1]} training steps"
+        f"{' (residual over bicubic)' if config.sr.get('residual') else ''}; "
         f"Heun {steps} steps, aug level 0, guidance 1. tiles: a sample as MultiDiffusion tiles of the training "
         "crop; tiles_mean: the posterior mean D(x; 80) on those tiles; whole: a sample of the whole photo at "
         "once; fromS: from the bicubic image noised to sigma S.",
@@ -161,16 +163,6 @@ def write_table(rows: list[dict], workdir: Path, steps: int, config) -> None:
         lines.append(f"| {r['photo']} | {r['size']} | {cells} |")
     (workdir / "sr_eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _trained_steps(workdir: Path) -> int:
-    from ediff_jax.checkpoints import Checkpointer
-
-    ckpt = Checkpointer(workdir, async_save=False)
-    try:
-        return int(ckpt.latest_step() or 0)
-    finally:
-        ckpt.close()
 
 
 def main() -> None:

@@ -107,10 +107,14 @@ def trained_workdir(tiny_config, tmp_path_factory):
     return workdir
 
 
-def test_run_writes_checkpoints_metrics_and_grid(trained_workdir):
+def test_run_writes_checkpoints_metrics_and_grid(trained_workdir, tmp_path):
+    from ediff_jax.checkpoints import kept_steps
+
     assert (trained_workdir / "samples" / "final.png").exists() and (trained_workdir / "config.json").exists()
     assert (trained_workdir / "metrics.jsonl").read_text().count("loss") >= 2
     assert sorted(int(p.name) for p in (trained_workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    assert kept_steps(trained_workdir) == [2, 4]
+    assert kept_steps(tmp_path) == [] and not (tmp_path / "checkpoints").exists()  # reading creates nothing
 
 
 def test_longer_rerun_resumes(tiny_config, trained_workdir, tmp_path):

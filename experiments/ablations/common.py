@@ -103,19 +103,15 @@ def ablation_config(*, experts: int = 1, steps: int = 1200, batch: int = 24, smo
 
 def is_trained(workdir: str | Path, num_steps: int | None = None) -> bool:
     """Whether `workdir` holds a checkpoint of a finished run (of `num_steps` steps, when given)."""
-    from ediff_jax.checkpoints import Checkpointer
+    from ediff_jax.checkpoints import kept_steps
     from ediff_jax.sampling import read_workdir_config
 
     workdir = Path(workdir).expanduser()
-    if not (workdir / "config.json").exists() or not (workdir / "checkpoints").exists():
+    if not (workdir / "config.json").exists():
         return False
+    steps = kept_steps(workdir)
     target = int(read_workdir_config(workdir).train.num_steps) if num_steps is None else int(num_steps)
-    ckpt = Checkpointer(workdir, async_save=False)
-    try:
-        latest = ckpt.latest_step()
-    finally:
-        ckpt.close()
-    return latest is not None and latest >= target
+    return bool(steps) and steps[-1] >= target
 
 
 def train_or_reuse(config: Any, workdir: str | Path) -> Path:
@@ -340,9 +336,16 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+SMOKE_NOTE = "Smoke run (--smoke): a tiny, barely trained model; numbers meaningless, the pipeline is real."
+
+
 def write_results(out: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title: str,
-                  notes: Iterable[str] = ()) -> None:
-    """`results.csv` (all digits) and `results.md` (title, notes, the table rounded to 3 digits)."""
+                  notes: Iterable[str] = (), smoke: bool = False) -> None:
+    """`results.csv` (all digits) and `results.md` (title, notes, the table rounded to 3 digits).
+
+    `smoke` puts SMOKE_NOTE first, so no smoke table can be read as a result.
+    """
+    notes = [SMOKE_NOTE, *notes] if smoke else list(notes)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()

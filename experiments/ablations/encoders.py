@@ -76,9 +76,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"Fréchet distance / KID: to {args.num_real} real validation images, shipped ediff_shapes feature network.",
         f"Command: `{common.command('encoders.py', argv)}`. {clock.summary()}.",
     ]
-    if args.smoke:
-        notes.insert(0, "Smoke run (--smoke): a tiny, barely trained model; numbers meaningless, the pipeline is real.")
-    common.write_results(out, rows, COLUMNS, "T5 only vs CLIP only vs both (encoders dropped at sampling)", notes)
+    common.write_results(out, rows, COLUMNS, "T5 only vs CLIP only vs both (encoders dropped at sampling)", notes,
+                         smoke=args.smoke)
     common.plot_metrics(rows, "encoders", ["all_ok_accuracy", "color_accuracy", "shape_accuracy", "frechet_distance"],
                         out / "metrics.png", title="Text encoders used at sampling", bar=True)
     common.save_grid(np.concatenate(grids), out / "samples.png", cols=len(grids[0]))

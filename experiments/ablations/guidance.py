@@ -70,9 +70,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"Fréchet distance / KID: to {args.num_real} real validation images, shipped ediff_shapes feature network.",
         f"Command: `{common.command('guidance.py', argv)}`. {clock.summary()}.",
     ]
-    if args.smoke:
-        notes.insert(0, "Smoke run (--smoke): a tiny, barely trained model; numbers meaningless, the pipeline is real.")
-    common.write_results(out, rows, COLUMNS, "Guidance scale: alignment vs Fréchet distance", notes)
+    common.write_results(out, rows, COLUMNS, "Guidance scale: alignment vs Fréchet distance", notes, smoke=args.smoke)
     distances = [r["frechet_distance"] for r in rows]
     common.plot_curves({"all objects correct": (distances, [r["all_ok_accuracy"] for r in rows]),
                         "colour correct": (distances, [r["color_accuracy"] for r in rows])},

@@ -122,9 +122,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"Fréchet distance / KID: to {args.num_real} real validation images, shipped ediff_shapes feature network.",
         f"Command: `{common.command('pww_weight.py', argv)}`. {clock.summary()}.",
     ]
-    if args.smoke:
-        notes.insert(0, "Smoke run (--smoke): a tiny, barely trained model; numbers meaningless, the pipeline is real.")
-    common.write_results(out, rows, COLUMNS, "Paint-with-words weight sweep", notes)
+    common.write_results(out, rows, COLUMNS, "Paint-with-words weight sweep", notes, smoke=args.smoke)
     common.plot_metrics(rows, "pww_weight", ["placement_accuracy", "all_placed", "two_object_color_shape_accuracy",
                                              "frechet_distance"], out / "metrics.png",
                         title=f"Paint-with-words weight (chance placement {rows[0]['chance']:.2f})", xlabel="w'")

@@ -157,9 +157,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"Fréchet distance / KID of the crops: to {args.num_real} real validation images, shipped feature network.",
         f"Command: `{common.command('stride.py', argv)}`. {clock.summary()}.",
     ]
-    if args.smoke:
-        notes.insert(0, "Smoke run (--smoke): a tiny, barely trained model; numbers meaningless, the pipeline is real.")
-    common.write_results(out, rows, COLUMNS, "MultiDiffusion stride: quality vs cost", notes)
+    common.write_results(out, rows, COLUMNS, "MultiDiffusion stride: quality vs cost", notes, smoke=args.smoke)
     common.plot_metrics(rows, "stride", ["seconds_per_image", "seam_ratio", "crop_color_shape_accuracy",
                                          "frechet_distance"], out / "metrics.png",
                         title="MultiDiffusion stride sweep", xlabel="stride (pixels)")
