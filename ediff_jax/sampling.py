@@ -97,7 +97,8 @@ class Sampler:
             model_fn = make_model_fn(model, params, sigma_data, boundaries)
             denoise = edm.guided_denoiser(model_fn, cond, unconditional(cond), guidance)
             batch = tokens["t5_ids"].shape[0]
-            x = jax.random.normal(rng, (batch, self.height, self.width, 3)) * self.sigmas[0]
+            x = sr.initial_state(rng, (batch, self.height, self.width, 3), self.sigmas[0], cond.get("lowres"),
+                                 bool(getattr(model, "lowres_residual", False)))
             return sample_fn(denoise, x, self.sigmas, progress=progress)
 
         self._run = jax.jit(run, static_argnames=("use_t5", "use_clip"))

@@ -82,6 +82,19 @@ def upsample_lowres(lowres: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.image.resize(lowres.astype(jnp.float32), shape, method="cubic").astype(lowres.dtype)
 
 
+def initial_state(rng: jax.Array, shape: tuple[int, ...], sigma: Any, lowres: jax.Array | None,
+                  residual: bool) -> jax.Array:
+    """The sampler's start at noise level `sigma`: sigma * N(0, I), plus bicubic(lowres) for a residual stage.
+
+    Why: a residual stage diffuses r = x - bicubic(lowres), so its prior at sigma is
+    r ~ N(0, sigma^2), i.e. x ~ bicubic + sigma * N(0, I). At sigma = 80 the shift is
+    invisible; a sampler started at a low sigma (a one-step posterior mean at sigma = 1)
+    would otherwise feed the network -bicubic as its residual.
+    """
+    x = sigma * jax.random.normal(rng, shape)
+    return x + upsample_lowres(lowres, shape) if residual else x
+
+
 def residual_denoiser(denoise: Any, lowres: jax.Array) -> Any:
     """D'(x; sigma, ...) = up + D(x - up; sigma, ...), up = bicubic(lowres) at x's size.
 

@@ -564,6 +564,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
         process_index=jax.process_index(),
         process_count=process_count,
         shuffle_buffer=int(config.data.shuffle_buffer),
+        cache_decoded=bool(config.data.cache_decoded),
         **_sr_data_args(config),
     )
     train_step = compile_train_step(exp, shardings, phase)

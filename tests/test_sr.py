@@ -127,6 +127,48 @@ def test_residual_stage_reads_its_network_as_a_residual(configs):
         trainer.build_experiment(base)
 
 
+def test_residual_stage_starts_at_bicubic_plus_noise(configs):
+    """A residual stage's sampler starts at bicubic(lowres) + sigma_max * noise (its residual prior
+    N(0, sigma^2)), so one Euler step from sigma is up + D(sigma * n; sigma) -- checked against
+    make_model_fn directly for the whole-image Sampler and a one-tile MultiDiffusion sampler."""
+    from ediff_jax.multidiffusion import MultiDiffusionSampler
+    from ediff_jax.sampling import make_model_fn
+
+    lowres = jax.random.uniform(jax.random.PRNGKey(3), (2, 4, 4, 3), minval=-1, maxval=1)
+    up = sr.upsample_lowres(lowres, (2, 16, 16, 3))
+    plain = sr.initial_state(jax.random.PRNGKey(4), (2, 16, 16, 3), 2.0, lowres, False)
+    shifted = sr.initial_state(jax.random.PRNGKey(4), (2, 16, 16, 3), 2.0, lowres, True)
+    np.testing.assert_allclose(np.asarray(shifted - plain), np.asarray(up), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(plain), 2.0 * np.asarray(jax.random.normal(jax.random.PRNGKey(4), (2, 16, 16, 3))))
+
+    config = configs["sr32"].copy_and_resolve_references()
+    config.sr.residual = True
+    exp, plain = trainer.build_experiment(config), trainer.build_experiment(configs["sr32"])
+    cond = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), exp.example_cond(1))
+    params = exp.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)), cond)["params"]
+    # The output conv starts at zero; perturb every weight so the network, its text and
+    # low-res inputs all matter, not only D's skip term.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(9), len(leaves))
+    params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+    low_u8 = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+    sigma, kwargs = 1.0, dict(guidance=1.0, seed=7, lowres=low_u8, aug_level=0.0)
+    whole = Sampler(exp.model, exp.encoders, image_size=32, steps=1, sampler="euler", sigma_max=sigma,
+                    sigma_data=0.5, lowres_factor=2)(params, ["a red circle"], **kwargs)
+    tiled = MultiDiffusionSampler(exp.model, exp.encoders, image_size=32, height=32, width=32, steps=1,
+                                  sampler="euler", sigma_max=sigma, sigma_data=0.5,
+                                  lowres_factor=2)(params, ["a red circle"], **kwargs)
+    low = jnp.asarray(sr.lowres_to_model(low_u8))
+    text = exp.encoders.encode(exp.encoders.params, exp.encoders.tokenize(["a red circle"]))
+    full_cond = {**text, "lowres": low, "aug_level": jnp.zeros((1,))}
+    noise = sigma * jax.random.normal(jax.random.PRNGKey(7), (1, 32, 32, 3))
+    up = sr.upsample_lowres(low, (1, 32, 32, 3))
+    expected = np.asarray(up + make_model_fn(plain.model, params, 0.5)(noise, jnp.full((1,), sigma), full_cond))
+    expected = np.clip(np.round((expected + 1) * 127.5), 0, 255)
+    for out in (whole, tiled):
+        assert np.abs(out.astype(float) - expected).max() <= 1.0
+
+
 @pytest.mark.parametrize("name, out, low, train", [("sr32", 32, 16, 32), ("sr64", 64, 32, 32)])
 def test_stage_shapes(configs, name, out, low, train):
     """Each stage maps (x [B, out, out, 3], lowres [B, low, low, 3]) to [B, out, out, 3]; the

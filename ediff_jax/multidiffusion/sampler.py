@@ -103,7 +103,8 @@ class MultiDiffusionSampler:
                 cond = jax.tree.map(lambda c, r: jnp.concatenate([c, jnp.repeat(r, batch, axis=0)]), cond, rcond)
             model_fn = make_model_fn(model, params, sigma_data, boundaries)
             if self.is_sr:  # each tile conditions on its own crop of the (noise-augmented) low-res canvas
-                low = wrap_canvas(sr.noise_lowres(jax.random.fold_in(rng, 2), lowres, aug_level), low_tiling)
+                noisy_low = sr.noise_lowres(jax.random.fold_in(rng, 2), lowres, aug_level)
+                low = wrap_canvas(noisy_low, low_tiling)
                 f = self.lowres_factor
 
                 def view_fn(xc: jax.Array, sigma: jax.Array, view: jax.Array) -> jax.Array:
@@ -111,7 +112,8 @@ class MultiDiffusionSampler:
                     return edm.guided_denoiser(model_fn, c, unconditional(c), guidance)(xc, sigma)
 
                 denoise = tiled_denoiser(view_fn, tiling, chunk_size=chunk_size)
-                x = jax.random.normal(rng, (batch, tiling.height, tiling.width, 3)) * sigmas[0]
+                x = sr.initial_state(rng, (batch, tiling.height, tiling.width, 3), sigmas[0], noisy_low,
+                                     bool(getattr(model, "lowres_residual", False)))
                 return sample_fn(denoise, x, sigmas, progress=progress)
             base = edm.guided_denoiser(model_fn, cond, unconditional(cond), guidance)
             if num_regions:
