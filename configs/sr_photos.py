@@ -9,7 +9,7 @@ and SSIM), sampled as MultiDiffusion tiles of the crop size (see experiments/sr_
 Training is time-boxed: `minutes=M` (default 58, under the issue's 60-minute budget with
 compilation included) stops it at the first step past M minutes, with a checkpoint;
 `steps=N` caps it (default 20000: on the idle 2-core VM the time box ends the run first,
-near 15,000 steps). `residual=False` trains the plain parameterisation instead.
+near 7,000 steps). `residual=False` trains the plain parameterisation instead.
 
 Residual parameterisation (`sr.residual`): the model denoises HR - bicubic(LR) and adds the
 bicubic image back, so colours and layout come from the input and the network learns the

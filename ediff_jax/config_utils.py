@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.resize = True
     c.data.shuffle_buffer = 10_000
     # Decode the training split once and keep it in host memory: for a few large photos
-    # cropped at random (ediff_photos), where decoding each crop's PNG bounds the step rate.
+    # cropped at random (ediff_photos), which otherwise decode a whole PNG per crop.
     c.data.cache_decoded = False
     # Read precomputed T5/CLIP embeddings (built once, beside the TFDS data) instead of
     # running the encoders every step: `python -m ediff_jax.text.cache --config ...`.

@@ -88,7 +88,7 @@ def initial_state(rng: jax.Array, shape: tuple[int, ...], sigma: Any, lowres: ja
 
     Why: a residual stage diffuses r = x - bicubic(lowres), so its prior at sigma is
     r ~ N(0, sigma^2), i.e. x ~ bicubic + sigma * N(0, I). At sigma = 80 the shift is
-    invisible; a sampler started at a low sigma (a one-step posterior mean at sigma = 1)
+    invisible; a sampler started at a low sigma (a one-step posterior mean at sigma = 3)
     would otherwise feed the network -bicubic as its residual.
     """
     x = sigma * jax.random.normal(rng, shape)

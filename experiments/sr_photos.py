@@ -119,6 +119,7 @@ def evaluate(workdir: Path, *, steps: int, max_side: int, sigma_starts: tuple[fl
     config, exp, params = load_workdir(workdir)
     mean_sigmas = tuple(mean_sigmas) or (30 * float(config.edm.sigma_data),)
     factor = int(config.data.image_size) // int(config.sr.lowres_size)
+    stem = results_stem(photos)
     rows, panels = [], []
     for name in photos:
         original = center_crop(load_photo(name), max_side, 16)
@@ -145,10 +146,10 @@ def evaluate(workdir: Path, *, steps: int, max_side: int, sigma_starts: tuple[fl
         rows.append(row)
         panels.append(np.concatenate([*outputs.values(), original], axis=1))
         print(f"{name}: " + " / ".join(f"{k} {row[k + '_psnr']:.2f} dB" for k in outputs) + f" ({seconds:.0f} s)")
-    write_table(rows, workdir, steps, config, mean_sigmas[0], results_stem(photos))
+    write_table(rows, workdir, steps, config, mean_sigmas[0], stem)
     width = max(p.shape[1] for p in panels)
     padded = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in panels]
-    save_png(np.concatenate(padded, axis=0), workdir / f"{results_stem(photos)}.png")
+    save_png(np.concatenate(padded, axis=0), workdir / f"{stem}.png")
     return rows
 
 

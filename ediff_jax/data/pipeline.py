@@ -276,7 +276,6 @@ def _decode_fn(
     center_crop: int | None = None,
     lowres_size: int | None = None,
     degradation: Mapping[str, Any] | None = None,
-    predecoded: bool = False,
 ) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
     """Decode -> resize (``image_size``) -> crop -> scale to float32 [-1, 1] -> low-res.
 
@@ -285,14 +284,17 @@ def _decode_fn(
     keep the centre square. ``crop_size`` crops at random (needs ``ex["seed"]``),
     ``center_crop`` in the middle. ``lowres_size`` adds ``"lowres"``, degraded from the
     final high-res image per ``degradation`` (validated; ``None`` = clean area downsample).
-    ``predecoded``: ``ex["image"]`` already holds the decoded uint8 pixels (``_decoded_cache``).
+    ``ex["image"]`` is the stored encoding, or pixels already decoded by ``_decoded_cache``.
     """
     image_feature = builder.info.features["image"]
     native = image_feature.shape[0]
     variable = _static_hw(builder) is None
 
     def decode(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = tf.cast(ex["image"] if predecoded else image_feature.decode_example(ex["image"]), tf.float32)
+        image = ex["image"]
+        if image.dtype == tf.string:  # still encoded (no _decoded_cache in front)
+            image = image_feature.decode_example(image)
+        image = tf.cast(image, tf.float32)
         if variable:
             if image_size is not None:
                 image = _resize_short_side(image, image_size)
@@ -324,9 +326,9 @@ def _decode_fn(
 def _decoded_cache(builder: tfds.core.DatasetBuilder, ds: tf.data.Dataset) -> tf.data.Dataset:
     """``ds`` with its images decoded once and kept in memory (uint8, native size).
 
-    Why: random crops of a few large photos are input-bound when every crop decodes its
-    whole PNG again (photo SR ran at 1.9 steps/s, the model alone at twice that). Only
-    for small datasets: the decoded split has to fit in host memory.
+    Why: random crops of a few large photos otherwise decode a whole PNG per crop (on
+    configs/sr_photos.py caching raised the step rate by about 10%). Only for small
+    datasets: the decoded split has to fit in host memory.
     """
     feature = builder.info.features["image"]
     return ds.map(lambda ex: {**ex, "image": feature.decode_example(ex["image"])}).cache()
@@ -450,8 +452,7 @@ def make_train_iterator(
         )
 
     decode = _decode_fn(
-        builder, image_size, crop_size=crop_size, lowres_size=lowres_size, degradation=degradation,
-        predecoded=cache_decoded,
+        builder, image_size, crop_size=crop_size, lowres_size=lowres_size, degradation=degradation
     )
     ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch_ds)
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
