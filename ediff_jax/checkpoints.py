@@ -27,16 +27,58 @@ class CheckpointMismatchError(ValueError):
     """The workdir's checkpoint does not fit the model being built."""
 
 
+class CheckpointReadError(RuntimeError):
+    """Reading a checkpoint failed for a reason other than damage to it (memory, I/O, code)."""
+
+
+# TensorStore statuses of data that is missing, truncated or fails to decode. Anything
+# else (RESOURCE_EXHAUSTED, UNAVAILABLE, PERMISSION_DENIED, ...) says nothing about the
+# checkpoint, which must then be left alone.
+_DAMAGE_STATUSES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
+
+
+def damage_reason(error: BaseException) -> str | None:
+    """Why `error` shows the checkpoint itself is unreadable, or None if it does not.
+
+    Only deserialisation and integrity errors count: invalid JSON metadata, a missing
+    file, or a TensorStore read whose status is one of `_DAMAGE_STATUSES`. Orbax wraps
+    TensorStore errors in a plain Exception, so the whole cause chain is searched.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, json.JSONDecodeError):
+            return f"invalid JSON ({error})"
+        if isinstance(error, FileNotFoundError):
+            return f"missing file ({error})"
+        message = str(error).lstrip()
+        for status in _DAMAGE_STATUSES:
+            if message.startswith(status + ":"):
+                return message.splitlines()[0][:300]
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _normalise(obj: Any) -> Any:
     """JSON round-trip, so tuples and lists compare equal."""
     return json.loads(json.dumps(obj, default=str))
 
 
 class Checkpointer:
-    def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True):
+    """`read_only=True` (sampling, evaluation): nothing inside `checkpoints/` is created,
+    cleaned up, renamed or written."""
+
+    def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = Path(workdir).expanduser().absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.read_only = read_only
+        with _quiet_orbax_read_only():
+            if read_only:
+                options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                                       save_interval_steps=0)
+            else:
+                options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                       enable_async_checkpointing=async_save)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -106,41 +148,72 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted)))["state"]
         return dataclasses.replace(abstract_state, **restored, **empty)
 
-    def restore_latest_good(self, abstract_for: Callable[[dict], Any]) -> tuple[int, Any, dict]:
+    def restore_fields(self, step: int, fields: Mapping[str, Any]) -> dict:
+        """Restores only the named top-level fields of the saved state, e.g.
+        {"ema_params": abstract}: sampling needs one EMA, not the optimizer state. Leaves
+        given as `skipped_like(...)` inside a field are not read either."""
+        fields = dict(fields)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(fields)
+        args = ocp.args.PyTreeRestore(fields, restore_args=restore_args, partial_restore=True)
+        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
+    def _read_error(self, step: int, error: Exception) -> str:
+        """The damage reason of a failed read, or raises: other failures are not damage."""
+        reason = damage_reason(error)
+        if reason is None:
+            root = error  # orbax wraps the TensorStore error that says what happened
+            while root.__cause__ is not None or root.__context__ is not None:
+                root = root.__cause__ or root.__context__
+            first_line = (str(root).splitlines() or [""])[0][:300]
+            raise CheckpointReadError(
+                f"Reading checkpoint step {step} in {self.directory} failed with {type(root).__name__}: {first_line}. "
+                "This is not damage to the checkpoint, which was left as it is; fix the cause (memory, storage "
+                "access, code version) and rerun."
+            ) from error
+        return reason
+
+    def restore_latest_good(self, abstract_for: Callable[[dict], Any], restore: Callable[[int, Any], Any] | None = None,
+                            quarantine: bool = False) -> tuple[int, Any, dict]:
         """Restores the newest checkpoint that reads back; returns (step, state, meta).
 
-        `abstract_for(meta)` gives the abstract state to restore onto (it may raise
-        CheckpointMismatchError, which is passed on: a config error, not a corrupt file).
-        A checkpoint that fails to read (a partial write, a truncated file) is moved aside
-        to `checkpoints/unreadable_<step>` -- kept, never deleted -- with a warning, and the
-        previous one is tried.
+        `abstract_for(meta)` gives what to restore onto; its errors (a config that does not
+        fit) are passed on. `restore(step, abstract)` restores it (default: the whole state).
+        Only a checkpoint shown to be damaged (`damage_reason`) is skipped for the previous
+        one, with a warning; any other read error is raised as CheckpointReadError naming
+        the step. With `quarantine` (training only) a damaged checkpoint is moved aside to
+        `checkpoints/unreadable_<step>` -- kept, never deleted -- so that training can write
+        that step again; read-only callers leave it where it is.
         """
-        failed: list[tuple[int, Exception]] = []
+        restore = restore or (lambda step, abstract: self.restore(abstract, step))
+        failed: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
             try:
                 meta = self.read_meta(step)
-                abstract = abstract_for(meta)
-                state = self.restore(abstract, step)
-            except CheckpointMismatchError:
-                raise
-            except Exception as e:  # orbax raises many types for unreadable data
-                failed.append((step, e))
+            except Exception as e:
+                failed.append((step, self._read_error(step, e)))
                 continue
-            # An older checkpoint reads back with the same code, so the newer ones are damaged:
-            # set them aside (never deleted) so that training can write those steps again.
-            for bad_step, error in failed:
-                self._quarantine(bad_step, error)
+            abstract = abstract_for(meta)
+            try:
+                state = restore(step, abstract)
+            except Exception as e:
+                failed.append((step, self._read_error(step, e)))
+                continue
+            for bad_step, reason in failed:
+                if quarantine and not self.read_only:
+                    self._quarantine(bad_step, reason)
+                else:
+                    warnings.warn(f"Checkpoint step {bad_step} in {self.directory} is damaged ({reason}); using step "
+                                  f"{step} instead. It was left in place; the next training run sets it aside.")
             return step, state, meta
         # Nothing readable: more likely a code/format mismatch than damage; touch nothing.
         raise RuntimeError(f"No checkpoint in {self.directory} could be read back (left as they are); the newest "
-                           f"one failed with: {failed[0][1] if failed else 'no checkpoints'}") from (
-            failed[0][1] if failed else None)
+                           f"one is damaged: {failed[0][1] if failed else 'no checkpoints'}")
 
-    def _quarantine(self, step: int, error: Exception) -> None:
+    def _quarantine(self, step: int, reason: str) -> None:
         source = self.directory / str(step)
         target = self.directory / f"unreadable_{step}"
-        warnings.warn(f"Checkpoint step {step} in {self.directory} could not be read ({type(error).__name__}: "
-                      f"{str(error)[:200]}); moved it to {target} and trying the previous checkpoint.")
+        warnings.warn(f"Checkpoint step {step} in {self.directory} could not be read ({reason}); moved it to "
+                      f"{target} and trying the previous checkpoint.")
         if source.exists():
             shutil.move(str(source), str(target))
         self.manager.reload()
@@ -161,11 +234,32 @@ def kept_steps(workdir: str | Path) -> list[int]:
     """
     if not (Path(workdir).expanduser() / "checkpoints").is_dir():
         return []
-    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt = Checkpointer(workdir, read_only=True)
     try:
         return ckpt.all_steps()
     finally:
         ckpt.close()
+
+
+def skipped_like(tree: Any) -> Any:
+    """A template of `tree` whose leaves `restore_fields` leaves unread."""
+    return jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
+
+
+class _quiet_orbax_read_only:
+    """Orbax warns on every read-only manager that the directory is read only; that is
+    the point of opening it so, not news to the user."""
+
+    def __enter__(self) -> None:
+        import logging
+
+        self._filter = lambda record: "read only" not in record.getMessage() and "read_only" not in record.getMessage()
+        logging.getLogger("absl").addFilter(self._filter)
+
+    def __exit__(self, *exc: Any) -> None:
+        import logging
+
+        logging.getLogger("absl").removeFilter(self._filter)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -12,18 +12,41 @@ import ml_collections
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-    """Parses 'a=1,b=x' into a ConfigDict over `defaults`; unknown keys are an error."""
+    """Parses 'a=1,b=x' into a ConfigDict over `defaults`, each value of its default's type.
+
+    An unknown key, or a value that is not of that type (`steps=abc`; a bool must be
+    true/false), is a ValueError naming the key, the value and what it should be.
+    """
+    import math
+
     out = ml_collections.ConfigDict(defaults)
     if not arg:
         return out
+    valid = "the keys and their defaults: " + ", ".join(f"{k}={v}" for k, v in sorted(defaults.items()))
+    bools = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
     for item in arg.split(","):
-        key, sep, value = item.partition("=")
+        key, sep, value = (part.strip() for part in item.partition("="))
         if not sep:
-            raise ValueError(f"Config argument {item!r} must look like key=value (valid keys: {sorted(defaults)}).")
+            raise ValueError(f"{item!r} must look like key=value; {valid}.")
         if key not in defaults:
-            raise ValueError(f"Unknown config argument {key!r}; valid keys: {sorted(defaults)}.")
-        typ = type(defaults[key])
-        out[key] = (value.lower() in ("1", "true", "yes")) if typ is bool else typ(value)
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown key {key!r}{hint}; {valid}.")
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                parsed = bools[value.lower()]
+            elif isinstance(default, (int, float)):
+                parsed = type(default)(value)
+                if not math.isfinite(parsed):
+                    raise ValueError
+            else:
+                parsed = type(default)(value)
+        except (KeyError, ValueError):
+            kind = ("true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int)
+                    else "a finite number" if isinstance(default, float) else f"a {type(default).__name__}")
+            raise ValueError(f"{key!r} must be {kind} (got {value!r}), e.g. {key}={default} (its default).") from None
+        out[key] = parsed
     return out
 
 
@@ -51,9 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_cache = False
 
     c.text = ml_collections.ConfigDict()
-    # Hugging Face model directories, or builtin:NAME for the shipped tiny defaults.
-    # For real eDiff-I conditioning point these at T5-XXL (google/t5-v1_1-xxl) and
-    # CLIP-L/14 (openai/clip-vit-large-patch14) directories.
+    # Hugging Face model directories, hub ids "org/name" or "org/name@REVISION" (fetched
+    # through the HF cache; an existing local directory of that name wins), or builtin:NAME
+    # for the shipped tiny defaults. For real eDiff-I conditioning point these at T5-XXL
+    # (google/t5-v1_1-xxl) and CLIP-L/14 (openai/clip-vit-large-patch14).
     c.text.t5_path = "builtin:t5_shapes"
     c.text.clip_path = "builtin:clip_shapes"
     c.text.t5_max_length = 32
@@ -156,6 +180,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ckpt_every = 5000
     c.train.keep_ckpts = 3
     c.train.sample_every = 10_000  # 0 disables periodic sample grids
+    # Resuming refuses changes to settings the checkpoint or the data stream depends on
+    # (ediff_jax/resume_policy.py); list dotted keys here ("edm.p_mean,train.batch_size")
+    # to accept such a change on purpose. The change is recorded in config_history/.
+    c.train.allow_resume_change = ""
+    # One trainer per workdir (WORKDIR/lock.json, with a heartbeat): a second one is refused
+    # while the first is alive. True takes the workdir over from a live run on purpose.
+    c.train.take_over_workdir = False
 
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 32
@@ -184,8 +215,9 @@ def _unknown_keys(config: ml_collections.ConfigDict, schema: ml_collections.Conf
     out = []
     for key in config.keys():
         if key not in schema:
-            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            by_lower = {k.lower(): k for k in schema.keys()}
+            close = [by_lower[m] for m in difflib.get_close_matches(key.lower(), list(by_lower), n=1)]
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             out.append(f"{prefix}{key}{hint}")
         elif isinstance(config[key], ml_collections.ConfigDict) and isinstance(schema[key], ml_collections.ConfigDict):
             if key not in OPEN_SECTIONS:
@@ -193,8 +225,8 @@ def _unknown_keys(config: ml_collections.ConfigDict, schema: ml_collections.Conf
     return out
 
 
-# Sections whose keys are free-form (e.g. mesh axis names, per-encoder rates).
-OPEN_SECTIONS = ("mesh", "drop_rates")
+# Sections whose keys are free-form (mesh axis names).
+OPEN_SECTIONS = ("mesh",)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -205,6 +237,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "Unknown config keys: " + ", ".join(unknown) + ". Check the spelling; the valid keys are those "
             "of ediff_jax/config_utils.py:base_config()."
         )
+    _check_drop_rates(config.text.drop_rates)
+
+
+def _check_drop_rates(rates: ml_collections.ConfigDict) -> None:
+    """Text-dropout rates are probabilities; an encoder left out is never dropped.
+
+    A misspelt encoder name used to be dropped silently, and then the model never saw the
+    fully unconditional input that classifier-free guidance extrapolates from.
+    """
+    for name, rate in rates.items():
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= float(rate) <= 1.0:
+            raise ValueError(f"config.text.drop_rates.{name}={rate!r} is not a probability; use a number in [0, 1].")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -219,7 +263,12 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module_spec = importlib.util.spec_from_file_location(f"_ediff_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    try:
+        return module.get_config(arg or None)
+    except ValueError as e:  # a bad argument (parse_arg): say which spec it came from
+        if str(e).startswith(spec):
+            raise
+        raise ValueError(f"{spec}: {e}") from e
 
 
 # Binary-tree branching in quantiles of p(sigma): shared model, then two experts of equal
@@ -247,13 +296,22 @@ def expert_schedule(num_experts: int, num_steps: int) -> tuple[tuple, tuple]:
     return phases, tuple(base + (1 if i < extra else 0) for i in range(len(phases)))
 
 
-def config_from_json(text: str) -> ml_collections.ConfigDict:
+def config_from_json(text: str, source: str = "config.json") -> ml_collections.ConfigDict:
     """A workdir's saved config.json, laid over today's defaults.
 
     Keys added to the code after the workdir was written take their defaults, so old
     workdirs keep loading; keys the code no longer knows are reported by validate_config.
+    Text that is not a JSON object is a ValueError naming `source` and where it breaks.
     """
     import json
+
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source} is not valid JSON ({e})") from e  # e: what, line, column
+    if not isinstance(saved, dict):
+        kind = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(saved), "a number")
+        raise ValueError(f"{source} holds {kind}, not a JSON object of config sections")
 
     def merge(into: ml_collections.ConfigDict, saved: dict) -> None:
         for key, value in saved.items():
@@ -268,5 +326,5 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
                         into[key] = value
 
     config = base_config()
-    merge(config, json.loads(text))
+    merge(config, saved)
     return config

@@ -64,6 +64,19 @@ def unstack_experts(stacked: Any) -> list[Any]:
     return [jax.tree.map(lambda x, k=k: x[k], stacked) for k in range(num_experts(stacked))]
 
 
+def expert_shares(batch: jax.Array, num: int) -> jax.Array:
+    """[B, ...] -> [num, B / num, ...]: expert k trains on rows k, k + num, k + 2 num, ...
+
+    Strided, not contiguous: the global batch is laid out host by host (each process's
+    rows form one block), so contiguous shares would give each expert a fixed subset of
+    hosts, and with them a fixed part of the dataset. A stride takes an equal number of
+    rows from every host's block whenever each block is a multiple of `num` rows.
+    """
+    if batch.shape[0] % num:
+        raise ValueError(f"A batch of {batch.shape[0]} rows cannot be split into {num} equal expert shares.")
+    return jnp.swapaxes(batch.reshape(batch.shape[0] // num, num, *batch.shape[1:]), 0, 1)
+
+
 def ensemble_denoiser(
     apply_expert: Callable[..., jax.Array], stacked_params: Any, boundaries: Any
 ) -> Callable[..., jax.Array]:

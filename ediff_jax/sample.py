@@ -16,15 +16,13 @@ places each phrase of the prompt in its painted (white) region; masks are PNGs o
 
 from __future__ import annotations
 
-import os
+import math
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only our data loader: hide its C++ banners
+from ediff_jax import logs
 
-import sys
+logs.quiet_startup_banners()  # before anything imports TF or transformers
 
 from absl import app, flags
-
-from ediff_jax.logs import quiet_library_logs
 
 flags.DEFINE_string("workdir", None, "A workdir written by ediff_jax.train.", required=True)
 flags.DEFINE_multi_string("prompt", None, "Prompt(s); repeat the flag for several.", required=True)
@@ -61,6 +59,35 @@ flags.DEFINE_enum("sr_mode", "full", ["full", "tiles"], "Cascade: SR stages on t
                   "or as MultiDiffusion tiles of each stage's training size (its crop size if trained on crops).")
 FLAGS = flags.FLAGS
 
+# The valid range of every numeric flag that has one: (is the value valid, what is valid).
+# Checked by check_flags before anything is loaded; a multi flag's every value is checked.
+FLAG_RANGES = {
+    "num": (lambda v: v >= 1, "an integer >= 1 (images per prompt), e.g. --num 4"),
+    "steps": (lambda v: v >= 1, "an integer >= 1 (sampler steps), e.g. --steps 32; leave it out for the config's"),
+    "sr_steps": (lambda v: v >= 1, "an integer >= 1 (an SR stage's sampler steps); leave it out for the config's"),
+    "height": (lambda v: v >= 1, "a canvas height >= 1 pixel; leave it out for the model's image size"),
+    "width": (lambda v: v >= 1, "a canvas width >= 1 pixel; leave it out for the model's image size"),
+    "stride": (lambda v: v >= 1, "an integer >= 1 (pixels between crops); leave it out for a quarter of the "
+               "model's size"),
+    "chunk_size": (lambda v: v >= 1, "an integer >= 1 (crops per model call); leave it out for all at once"),
+    "guidance": (math.isfinite, "a finite number, e.g. --guidance 3; leave it out for the config's"),
+    "sr_guidance": (math.isfinite, "a finite number; leave it out for the config's"),
+    "aug_level": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (noise std of the low-res input), "
+                  "e.g. --aug_level 0.1"),
+    "bootstrap": (lambda v: 0 <= v <= 1, "a fraction of the steps in [0, 1], e.g. --bootstrap 0.2"),
+    "pww_weight": (math.isfinite, "a finite number, e.g. --pww_weight 0.4 (0: off)"),
+    "ema_decay": (lambda v: 0 < v < 1, "an EMA decay in (0, 1) that the workdir keeps; leave it out for the default"),
+}
+
+
+def check_flags() -> None:
+    """Refuses a flag value outside its range (FLAG_RANGES), naming the flag and what is valid."""
+    for name, (valid, what) in FLAG_RANGES.items():
+        value = FLAGS[name].value
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not valid(v):
+                raise ValueError(f"--{name}={v} is out of range: it must be {what}.")
+
 
 def _per_stage(values: list | None, count: int, name: str) -> list:
     """A per-SR-stage flag: absent, or one value per --sr_workdir."""
@@ -93,12 +120,11 @@ def run_cascade_flags(out: str) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
-    try:
+        logs.fail(f"unexpected arguments {argv[1:]}: quote a prompt of several words, e.g. --prompt \"a red circle\".")
+    logs.quiet_library_logs()
+    with logs.user_errors(ValueError, FileNotFoundError):  # the user's input: one line, no traceback
+        check_flags()
         run()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
 
 
 def run() -> None:
@@ -149,7 +175,8 @@ def run() -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing that also accepts hyphenated names of defined flags (--pww-weight)."""
+    """absl parsing that also accepts hyphenated names of defined flags (--pww-weight); a flag
+    that does not parse ends in one line (`logs.fail`), not a traceback."""
 
     def normalise(arg: str) -> str:
         name, sep, value = arg[2:].partition("=")
@@ -158,7 +185,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         return f"--{alt}{sep}{value}" if arg.startswith("--") and "-" in name and known else arg
 
     end = argv.index("--") if "--" in argv else len(argv)
-    return FLAGS(argv[:1] + [normalise(a) for a in argv[1:end]] + argv[end:])
+    try:
+        return FLAGS(argv[:1] + [normalise(a) for a in argv[1:end]] + argv[end:])
+    except flags.Error as e:  # a missing, unknown or mistyped flag: one line, no traceback
+        logs.fail(f"{str(e).rstrip('.')} (--helpshort lists the flags).")
 
 
 if __name__ == "__main__":

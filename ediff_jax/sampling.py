@@ -135,13 +135,51 @@ class Sampler:
 
 
 def read_workdir_config(workdir: str | Path) -> Any:
-    """The config a workdir was trained with (over today's defaults); cheap, no checkpoint read."""
+    """The config a workdir was trained with (over today's defaults); cheap, no checkpoint read.
+
+    A config.json that does not read back (truncated, hand-edited) is a ValueError naming
+    the file and where it breaks, left as it is, with the way to restore it: from the
+    run's config history, the newest checkpoint's metadata, or by rerunning training.
+    """
+    import json
+    import shlex
+
     from ediff_jax.config_utils import config_from_json
 
     config_path = Path(workdir).expanduser() / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: --workdir must be a directory written by ediff_jax.train.")
-    return config_from_json(config_path.read_text())
+    try:
+        return config_from_json(config_path.read_bytes().decode("utf-8"), source=str(config_path))
+    except ValueError as e:
+        problem = f"{config_path} is not UTF-8 text (byte {e.start})" if isinstance(e, UnicodeDecodeError) else str(e)
+
+    def saved(path: Path, keys: tuple[str, ...]) -> bool:  # holds a readable config under `keys`
+        try:
+            value = json.loads(path.read_text())
+            for key in keys:
+                value = value[key]
+            return isinstance(value, dict) and "model" in value
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    workdir = config_path.parent
+    steps = sorted((int(d.name) for d in workdir.glob("checkpoints/*") if d.name.isdigit()), reverse=True)
+    candidates = [(h, ("config",), "the run's config history")  # names: <UTC time>_step<N>.json, newest first
+                  for h in sorted(workdir.glob("config_history/*.json"), reverse=True)]
+    candidates += [(workdir / "checkpoints" / str(s) / "meta" / "metadata", ("progress", "config"),
+                    "the newest checkpoint's metadata") for s in steps]
+    found = next((c for c in candidates if saved(c[0], c[1])), None)
+    if found is not None:
+        path, keys, what = found
+        index = "".join(f"[{k!r}]" for k in keys)
+        fix = (f"restore it from {what} with this command: python -c \"import json; print(json.dumps(json.load("
+               f"open({str(path)!r})){index}, indent=2))\" > {shlex.quote(str(config_path))}")
+    else:
+        fix = (f"re-create it by rerunning `python -m ediff_jax.train --workdir {workdir} --config ...` with the "
+               "config (and --config.* overrides) it was trained with: that rewrites config.json and resumes from the "
+               "latest checkpoint, which refuses the config of another model.")
+    raise ValueError(f"{problem}; it was left unchanged. To fix it, {fix}")  # no final '.' after a command
 
 
 def check_base_workdir(workdir: str | Path) -> None:
@@ -163,15 +201,16 @@ def write_samples(images: np.ndarray, out: Path, num: int, prompt_lines: Sequenc
     (out / "prompts.txt").write_text("\n".join(prompt_lines) + "\n")
 
 
-def select_ema(config: Any, state: Any, ema_decay: float | None) -> Any:
-    """The EMA parameters of decay `ema_decay` (None: config.train.ema_decay, the default one)."""
+def ema_field(config: Any, ema_decay: float | None) -> tuple[str, int | None]:
+    """Which saved field holds the EMA of decay `ema_decay` (None: config.train.ema_decay):
+    ("ema_params", None) or ("extra_emas", index)."""
     if ema_decay is None or float(ema_decay) == float(config.train.ema_decay):
-        return state.ema_params
+        return "ema_params", None
     extra = [float(d) for d in config.train.extra_ema_decays]
     if float(ema_decay) not in extra:
         raise ValueError(f"This workdir keeps EMAs with decays {[float(config.train.ema_decay), *extra]}, not "
                          f"{ema_decay}; pick one of those (config.train.extra_ema_decays adds more when training).")
-    return state.extra_emas[extra.index(float(ema_decay))]
+    return "extra_emas", extra.index(float(ema_decay))
 
 
 def load_workdir(workdir: str | Path, devices: list | None = None,
@@ -182,37 +221,48 @@ def load_workdir(workdir: str | Path, devices: list | None = None,
     boundaries stored with the checkpoint; pass both to `make_model_fn` / `Sampler`.
     `ema_decay` picks one of the EMAs kept in training (default: config.train.ema_decay).
     `step` loads that kept checkpoint instead of the newest (learning curves).
+
+    Read-only: only that EMA is restored (not the optimizer state or the other EMAs), and
+    nothing inside `checkpoints/` is created, moved or written, even when the newest
+    checkpoint is damaged (then the previous one is used, with a warning).
     """
     from ediff_jax import trainer
-    from ediff_jax.checkpoints import Checkpointer, abstract_with_shardings
+    from ediff_jax.checkpoints import Checkpointer, kept_steps, skipped_like
 
     workdir = Path(workdir).expanduser()
     config = read_workdir_config(workdir)
-    ckpt = Checkpointer(workdir, async_save=False)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first.")
+    name, index = ema_field(config, ema_decay)
+    if not kept_steps(workdir):
+        raise FileNotFoundError(f"No checkpoint in {workdir / 'checkpoints'}; train first.")
+    ckpt = Checkpointer(workdir, read_only=True)
     exp = trainer.build_experiment(config, devices)
 
     def abstract_for(saved: dict) -> Any:
-        trainer.check_checkpoint_kind(saved, exp)
-        ckpt.check_compatible(trainer.model_meta(config), saved)
-        abstract, shardings = trainer.state_shardings(exp, int(saved.get("progress", {}).get("phase", 0)))
-        return abstract_with_shardings(abstract, shardings)
+        abstract, _, _ = trainer.checked_abstract_state(exp, ckpt, saved)
+        field = getattr(abstract, name)
+        if index is None:
+            return field
+        # One of the extra EMAs (saved as a list): the others are not read.
+        return [entry if j == index else skipped_like(entry) for j, entry in enumerate(field)]
 
-    if step is None:
-        _, state, saved = ckpt.restore_latest_good(abstract_for)
-    else:
-        if int(step) not in ckpt.all_steps():
-            ckpt.close()
-            raise FileNotFoundError(f"No checkpoint of step {step} in {ckpt.directory}; the kept steps are "
-                                    f"{ckpt.all_steps()}.")
-        saved = ckpt.read_meta(int(step))
-        state = ckpt.restore(abstract_for(saved), int(step))
-    progress = saved.get("progress", {})
-    ckpt.close()
+    def restore(at: int, abstract: Any) -> Any:
+        restored = ckpt.restore_fields(at, {name: abstract})[name]
+        return restored if index is None else restored[index]
+
+    try:
+        if step is None:
+            _, params, saved = ckpt.restore_latest_good(abstract_for, restore)
+        else:
+            if int(step) not in ckpt.all_steps():
+                raise FileNotFoundError(f"No checkpoint of step {step} in {ckpt.directory}; the kept steps are "
+                                        f"{ckpt.all_steps()}.")
+            saved = ckpt.read_meta(int(step))
+            params = restore(int(step), abstract_for(saved))
+    finally:
+        ckpt.close()
     if exp.phases:
-        exp.boundaries = np.asarray(progress["boundaries"], np.float32)
-    return config, exp, select_ema(config, state, ema_decay)
+        exp.boundaries = np.asarray(saved.get("progress", {})["boundaries"], np.float32)
+    return config, exp, params
 
 
 def sample_from_workdir(

@@ -11,15 +11,11 @@ EDIFF_PROCESS_ID variables; SLURM and Open MPI jobs are detected).
 
 from __future__ import annotations
 
-import os
+from ediff_jax import logs
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only our data loader: hide its C++ banners
-
-import sys
+logs.quiet_startup_banners()  # before anything imports TF (our data loader) or transformers
 
 from absl import app, flags
-
-from ediff_jax.logs import quiet_library_logs
 from ml_collections import config_flags
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.", required=True)
@@ -32,28 +28,56 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
+        logs.fail(f"unexpected arguments {argv[1:]}: every setting is a flag, e.g. --config.train.lr=3e-4.")
+    logs.quiet_library_logs()
     from ediff_jax import distributed, trainer  # deferred so --help is fast
 
-    try:
+    with logs.user_errors(ValueError, FloatingPointError):  # user-facing errors: message, not traceback
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FloatingPointError) as e:  # user-facing errors: message, not traceback
-        sys.exit(f"error: {e}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing, with bad `--config.x=...` overrides reported in one line, not a traceback."""
+    """absl parsing; a bad flag, config file, config argument or `--config.x=...` override
+    ends in one line naming it (`logs.fail`), not a traceback."""
     try:
-        return FLAGS(argv)
-    except flags.Error:
-        raise
+        argv = FLAGS(argv)
+    except flags.Error as e:
+        logs.fail(_flag_error(e))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         detail: object = e
         while isinstance(detail, BaseException) and detail.args:  # ml_collections nests KeyError in AttributeError
             detail = detail.args[0]
-        sys.exit(f"error: invalid --config override ({' '.join(str(detail).split())}). See --helpfull for keys.")
+        logs.fail(f"invalid --config override ({detail}). See --helpfull for keys.")
+    if FLAGS.config is None:
+        logs.fail("--config is required, e.g. --config configs/quickstart.py (see README.md for the configs).")
+    try:
+        FLAGS.config.get("seed")  # config_flags defers a file that failed to load to the first use
+    except OSError as e:
+        logs.fail(_config_load_error(FLAGS["config"].config_filename, e))
+    return argv
+
+
+def _flag_error(e: flags.Error) -> str:
+    """The message of a flag that failed to parse; for --config, what the config file said."""
+    text = str(e)
+    prefix, marker = f"flag --{FLAGS['config'].name}=", ": Error whilst parsing config file"
+    wrapper = e.__context__  # config_flags re-raises get_config's error as its traceback's text
+    if text.startswith(prefix) and marker in text and wrapper is not None and wrapper.__context__ is not None:
+        cause = wrapper.__context__  # what get_config raised (parse_arg: names the key and the fix)
+        spec = text[len(prefix):text.index(marker)]
+        return str(cause) if str(cause).startswith(spec) else f"{spec}: {cause}"
+    return f"{text.rstrip('.')} (--helpshort lists the flags)."
+
+
+def _config_load_error(spec: str, e: OSError) -> str:
+    from pathlib import Path
+
+    path = spec.partition(":")[0]
+    if not Path(path).expanduser().is_file():
+        return f"config file {path!r} not found (--config {spec}); give a config file, e.g. configs/quickstart.py."
+    cause = e.__cause__ or e
+    return f"could not load --config {spec}: {cause}"
 
 
 if __name__ == "__main__":

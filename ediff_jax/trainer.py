@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from ediff_jax import edm, experts, logs, parallel, sharding, sr
+from ediff_jax import edm, experts, logs, parallel, resume_policy, sharding, sr
 from ediff_jax.checkpoints import CheckpointMismatchError, Checkpointer, abstract_with_shardings
 from ediff_jax.config_utils import validate_config
 from ediff_jax.images import ensure_writable_dir, make_grid, save_png
@@ -31,6 +31,7 @@ from ediff_jax.metrics import MetricWriter
 from ediff_jax.models import build_model, check_image_size
 from ediff_jax.text.cache import load_or_build_cache
 from ediff_jax.text.conditioning import TextEncoders, dropout_conditioning, load_text_encoders
+from ediff_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 
 
 @flax.struct.dataclass
@@ -62,11 +63,15 @@ def make_optimizer(train_config: Mapping[str, Any]) -> tuple[optax.GradientTrans
     return tx, schedule
 
 
+# Model keys that do not change the parameters: a checkpoint fits either way.
+FREE_MODEL_KEYS = ("remat", "dtype")
+
+
 def model_meta(config: ml_collections.ConfigDict) -> dict:
     """What a checkpoint belongs to; compared on resume and when sampling."""
     out = {
         "stage": "sr" if sr.is_sr(config) else "base",
-        "model": config.model.to_dict(),
+        "model": {k: v for k, v in config.model.to_dict().items() if k not in FREE_MODEL_KEYS},
         "image_size": int(config.data.image_size),
         "experts": {"phases": [[list(iv) for iv in phase] for phase in config.experts.phases]},
     }
@@ -78,8 +83,10 @@ def model_meta(config: ml_collections.ConfigDict) -> dict:
 
 
 def progress_meta(exp: "Experiment", phase: int) -> dict:
-    """The part of a checkpoint's metadata that changes during a run (not compared on resume)."""
-    out: dict[str, Any] = {"phase": phase}
+    """The part of a checkpoint's metadata that changes during a run (not compared by model
+    shape): the phase, the experts' boundaries, and the run's whole config and process
+    count, which `resume_policy` compares on resume."""
+    out: dict[str, Any] = {"phase": phase, "config": exp.config.to_dict(), "process_count": jax.process_count()}
     if exp.phases:
         out["boundaries"] = experts.boundaries_from_intervals(
             exp.phases[phase], exp.config.edm.p_mean, exp.config.edm.p_std).tolist()
@@ -175,10 +182,32 @@ def _expert_phases(config: ml_collections.ConfigDict) -> tuple[list[list[experts
         experts.validate_intervals(phase)
         if i:
             experts.parents_of(phase, phases[i - 1])
-        if config.train.batch_size % len(phase):
-            raise ValueError(f"config.train.batch_size={config.train.batch_size} must be divisible by the "
-                             f"{len(phase)} experts of phase {i}, which each take an equal share.")
     return phases, list(np.cumsum(steps))
+
+
+def _check_batch_splits(config: ml_collections.ConfigDict, phases: list[list[experts.Interval]],
+                        process_count: int) -> None:
+    """Every phase's batch split must work, checked before phase 0 trains.
+
+    Each expert takes every E-th row of the global batch (`experts.expert_shares`), so its
+    share holds rows of every host when each host's rows are a multiple of E; gradient
+    accumulation then splits each share into micro-batches.
+    """
+    batch, accum = int(config.train.batch_size), int(config.train.grad_accum)
+    if accum < 1:
+        raise ValueError(f"config.train.grad_accum={accum} must be >= 1.")
+    if batch % process_count:
+        raise ValueError(f"config.train.batch_size={batch} is not divisible by the {process_count} processes; "
+                         "pick a multiple.")
+    for i, phase in enumerate(phases or [[(0.0, 1.0)]]):
+        e, where = len(phase), f"the {len(phase)} experts of phase {i}" if phases else "the model"
+        if (batch // process_count) % e:
+            raise ValueError(f"config.train.batch_size={batch} gives each of the {process_count} processes "
+                             f"{batch // process_count} examples, not divisible by {where}; each expert takes an "
+                             f"equal share of every process's examples. Use a multiple of {e * process_count}.")
+        if (batch // e) % accum:
+            raise ValueError(f"config.train.grad_accum={accum} must divide the {batch // e} examples that each of "
+                             f"{where} gets per step; pick a divisor or change config.train.batch_size.")
 
 
 def build_experiment(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
@@ -198,10 +227,7 @@ def build_experiment(config: ml_collections.ConfigDict, devices: list | None = N
             f"config.train.batch_size={config.train.batch_size} is not divisible by the {dp} data-parallel "
             "devices; pick a multiple."
         )
-    accum, share = int(config.train.grad_accum), config.train.batch_size // max(len(p) for p in phases or [[0]])
-    if accum < 1 or share % accum:
-        raise ValueError(f"config.train.grad_accum={accum} must be >= 1 and divide the examples each model (or "
-                         f"expert) gets per step ({share}).")
+    _check_batch_splits(config, phases, jax.process_count())
     encoders = load_text_encoders(config.text)
     tx, schedule = make_optimizer(config.train)
     return Experiment(config, model, encoders, mesh, tx, schedule, phases, phase_ends)
@@ -368,7 +394,7 @@ def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, An
             metrics = {"loss": loss, "grad_norm": grad_norm}
         else:
             e = len(intervals)
-            share = lambda x: x.reshape(e, x.shape[0] // e, *x.shape[1:])
+            share = lambda x: experts.expert_shares(x, e)
             bounds = jnp.asarray(intervals, jnp.float32)
             sigma = jax.vmap(lambda k, lo, hi: experts.sample_interval_sigmas(
                 k, (images.shape[0] // e,), (lo, hi), p_mean, p_std))(jax.random.split(r_sigma, e), bounds[:, 0], bounds[:, 1])
@@ -393,11 +419,16 @@ def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, An
         extra = tuple(extra)
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                                   extra_emas=extra)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-        metrics["nonfinite"] = (~finite).astype(jnp.int32)
+        # Decided per expert (experts are E independent runs): a NaN in one expert's share
+        # of the batch must not revert the others' updates. [] for a single model, [E] else.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        metrics["nonfinite"] = jnp.sum(~finite).astype(jnp.int32)  # models (experts) whose update was bad
         if skip_nonfinite:  # keep the old weights, optimizer and EMAs; the step still counts
-            kept = state.replace(step=state.step + 1)
-            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+            def keep_good(new: jax.Array, old: jax.Array) -> jax.Array:
+                return jnp.where(finite.reshape(finite.shape + (1,) * (new.ndim - finite.ndim)), new, old)
+
+            new_state = new_state.replace(**{name: jax.tree.map(keep_good, getattr(new_state, name), getattr(state, name))
+                                             for name in ("params", "ema_params", "opt_state", "extra_emas")})
         return new_state, metrics
 
     return step_fn
@@ -430,27 +461,63 @@ def check_checkpoint_kind(saved: Mapping[str, Any] | None, exp: Experiment) -> N
         )
 
 
-def restore_or_init(exp: Experiment, ckpt: Checkpointer) -> tuple[TrainState, Any, int]:
+def checked_abstract_state(exp: Experiment, ckpt: Checkpointer, saved: Mapping[str, Any]) -> tuple[TrainState, Any, int]:
+    """The abstract train state (with shardings) that a checkpoint restores onto, after
+    checking that the checkpoint holds this model; also its shardings and expert phase.
+    Training and sampling both restore through here."""
+    check_checkpoint_kind(saved, exp)
+    saved = {**saved, "model": {k: v for k, v in saved.get("model", {}).items() if k not in FREE_MODEL_KEYS}}
+    ckpt.check_compatible(model_meta(exp.config), saved)
+    phase = int(saved.get("progress", {}).get("phase", 0))
+    abstract, shardings = state_shardings(exp, phase)
+    return abstract_with_shardings(abstract, shardings), shardings, phase
+
+
+def saved_config(saved: Mapping[str, Any], workdir: Path) -> dict | None:
+    """The config a checkpoint was written with: its own record, else (checkpoints from
+    before that record) the workdir's config.json, which the last run wrote."""
+    progress = saved.get("progress", {})
+    if "config" in progress:
+        return {**resume_policy.flatten(progress["config"]), "process_count": progress.get("process_count", 1)}
+    path = workdir / "config.json"
+    if path.exists():
+        from ediff_jax.config_utils import config_from_json
+
+        return {**resume_policy.flatten(config_from_json(path.read_text()).to_dict()), "process_count": None}
+    return None
+
+
+def restore_or_init(exp: Experiment, ckpt: Checkpointer) -> tuple[TrainState, Any, int, dict]:
     """Resumes from the newest readable checkpoint if there is one (after checking it fits).
 
-    Returns the state, its shardings and its expert phase. A config that does not fit
-    the checkpoint is refused (CheckpointMismatchError) before anything is written; an
-    unreadable latest checkpoint is set aside and the previous one used, with a warning.
+    Returns the state, its shardings, its expert phase and what changed since the
+    checkpoint's run (`resume_policy.compare`). A config that does not fit the checkpoint,
+    or changes a setting that resuming depends on, is refused before anything is written;
+    an unreadable latest checkpoint is set aside and the previous one used, with a warning.
     """
     if ckpt.latest_step() is None:
-        return (*init_train_state(exp), 0)
+        return (*init_train_state(exp), 0, {})
     found: dict[str, Any] = {}
 
     def abstract_for(saved: dict) -> Any:
-        check_checkpoint_kind(saved, exp)
-        ckpt.check_compatible(model_meta(exp.config), saved)
-        found["phase"] = int(saved.get("progress", {}).get("phase", 0))
-        abstract, found["shardings"] = state_shardings(exp, found["phase"])
-        return abstract_with_shardings(abstract, found["shardings"])
+        abstract, found["shardings"], found["phase"] = checked_abstract_state(exp, ckpt, saved)
+        old = saved_config(saved, ckpt.directory.parent)
+        if old is not None:
+            new = {**resume_policy.flatten(exp.config.to_dict()), "process_count": jax.process_count()}
+            if old["process_count"] is None:  # not recorded: nothing to compare against
+                new["process_count"] = None
+            found["changes"] = resume_policy.check_resume(old, new, resume_policy.allowed_changes(exp.config),
+                                                          str(ckpt.directory.parent))
+        return abstract
 
-    step, state, _ = ckpt.restore_latest_good(abstract_for)
+    step, state, _ = ckpt.restore_latest_good(abstract_for, quarantine=True)
+    changes = found.get("changes", {})
+    for change in changes.get("warned", []):
+        logs.warning(f"Resuming with a changed setting: {change}")
+    for key, (a, b) in changes.get("accepted", {}).items():
+        logs.warning(f"Resuming with {key} changed from {a!r} to {b!r}, as config.train.allow_resume_change asks.")
     logs.info(f"Resuming from {ckpt.directory} at step {step}")
-    return state, found["shardings"], found["phase"]
+    return state, found["shardings"], found["phase"], changes
 
 
 class PreemptionGuard:
@@ -472,12 +539,15 @@ class PreemptionGuard:
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
 
-    def should_stop(self) -> bool:
+    def should_stop(self, lost_workdir: bool = False) -> tuple[bool, bool]:
+        """(stop and save, stop without saving): SIGTERM on any process, or process 0 having
+        lost the workdir lock to another run (which then owns the checkpoints)."""
         if jax.process_count() == 1:
-            return self.requested
+            return self.requested, lost_workdir
         from jax.experimental import multihost_utils
 
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+        agreed = np.max(multihost_utils.process_allgather(np.array([self.requested, lost_workdir], np.int32)), axis=0)
+        return bool(agreed[0]), bool(agreed[1])
 
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
@@ -505,7 +575,7 @@ def summarize(history: list[dict], first_step: int, skip_nonfinite: bool) -> dic
     for name, total, count in zip(sigma_bucket_names(), sums, counts):
         if count:
             scalars[name] = float(total / count)
-    scalars["skipped_nonfinite"] = float(len(bad))
+    scalars["skipped_nonfinite"] = float(sum(int(m["nonfinite"]) for m in host))  # skipped model/expert updates
     return scalars
 
 
@@ -534,39 +604,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     would); rerunning resumes exactly where it stopped. SIGTERM does the same at the
     step in flight, and so does `config.train.max_minutes` once that much wall time has
     passed (time-boxed runs, e.g. the 60-minute shapes benchmark). Only process 0 writes
-    logs, metrics, config and sample grids.
+    logs, metrics, config and sample grids, and only while it holds the workdir's lock
+    (`ediff_jax.workdir_lock`): a second trainer on a live workdir is refused.
     """
-    from ediff_jax.data import pipeline  # deferred: importing TF is slow and notebooks may not need it
-
     started = time.perf_counter()
     max_seconds = 60.0 * float(config.train.get("max_minutes", 0.0) or 0.0)
     if max_seconds < 0:
         raise ValueError(f"config.train.max_minutes={config.train.max_minutes} is negative; use 0 for no time budget.")
     workdir = ensure_writable_dir(workdir)
+    lock = _lock_workdir(config, workdir)
+    try:
+        return _train(config, workdir, stop_after, started, max_seconds, lock)
+    finally:
+        lock.release()
+
+
+def _lock_workdir(config: ml_collections.ConfigDict, workdir: Path) -> WorkdirLock:
+    """Process 0 locks the workdir (one writer per workdir); every process learns whether it
+    got it, so that a refused multi-host job stops everywhere instead of hanging."""
+    lock = WorkdirLock(workdir, take_over=bool(config.train.take_over_workdir), process_index=jax.process_index())
+    if jax.process_count() == 1:
+        return lock.acquire()
+    from jax.experimental import multihost_utils
+
+    try:
+        lock.acquire()
+        refused = None
+    except WorkdirLockedError as e:
+        refused = e
+    if np.max(multihost_utils.process_allgather(np.int32(refused is not None))):
+        lock.release()
+        raise refused or WorkdirLockedError(f"Process 0 could not lock {workdir}; its output says why.")
+    return lock
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, stop_after: int | None, started: float,
+           max_seconds: float, lock: WorkdirLock) -> TrainState:
+    """`train_and_evaluate`'s body, run while this job holds the workdir lock."""
+    from ediff_jax.data import pipeline  # deferred: importing TF is slow and notebooks may not need it
+
     exp = build_experiment(config)
     builder = pipeline.builder_from_config(config.data)
     ckpt = Checkpointer(workdir, keep=int(config.train.keep_ckpts))
-    state, shardings, phase = restore_or_init(exp, ckpt)
+    state, shardings, phase, changes = restore_or_init(exp, ckpt)
     main_process = jax.process_index() == 0
     if main_process:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        resume_policy.write_history(workdir, config.to_json_best_effort(indent=2), {
+            "start_step": int(state.step), "process_count": jax.process_count(),
+            "accepted_changes": changes.get("accepted", {}), "warned_changes": changes.get("warned", [])})
 
     pipeline.prepare(builder)
     text_cache = load_or_build_cache(builder, exp.encoders, config.text) if config.data.text_cache else None
     start = int(state.step)
-    process_count = jax.process_count()
-    data = pipeline.make_train_iterator(
-        builder,
-        batch_size=config.train.batch_size // process_count,
-        seed=int(config.seed),
-        image_size=int(config.data.image_size) if config.data.resize else None,
-        start_step=start,
-        process_index=jax.process_index(),
-        process_count=process_count,
-        shuffle_buffer=int(config.data.shuffle_buffer),
-        cache_decoded=bool(config.data.cache_decoded),
-        **_sr_data_args(config),
-    )
+    data = train_iterator(config, builder, start)
     train_step = compile_train_step(exp, shardings, phase)
     writer = MetricWriter(workdir) if main_process else None
     meta = model_meta(config)
@@ -608,7 +698,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
             history.append(metrics)
             bar.update(1)
             out_of_time = bool(max_seconds) and step < last and time.perf_counter() - started >= max_seconds
-            stop = preemption.should_stop() or out_of_time
+            preempted, lost = preemption.should_stop(lock.lost)
+            if lost:  # another run took the workdir over: it owns the checkpoints now
+                logs.warning(f"Step {step}: another run took over {workdir} ({lock.lost_reason}); stopping without "
+                             "writing anything more.")
+                last = -1
+                break
+            stop = preempted or out_of_time
             if step % log_every == 0 or step == last or stop:
                 try:
                     scalars = summarize(history, step - len(history) + 1, skip_nonfinite)
@@ -641,6 +737,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
         _write_grid(exp, state, phase, workdir / "samples" / "final.png", writer, num_steps)
     ckpt.close()
     return state
+
+
+def train_iterator(config: ml_collections.ConfigDict, builder: Any, start_step: int, split: str = "train") -> Any:
+    """This process's training batches from `start_step` on (its share of each global batch)."""
+    from ediff_jax.data import pipeline
+
+    process_count = jax.process_count()
+    return pipeline.make_train_iterator(
+        builder,
+        batch_size=config.train.batch_size // process_count,
+        seed=int(config.seed),
+        image_size=int(config.data.image_size) if config.data.resize else None,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=process_count,
+        shuffle_buffer=int(config.data.shuffle_buffer),
+        cache_decoded=bool(config.data.cache_decoded),
+        split=split,
+        **_sr_data_args(config),
+    )
 
 
 def _sr_data_args(config: ml_collections.ConfigDict) -> dict:

@@ -316,6 +316,8 @@ def _decode_fn(
         # No random horizontal flip: it would turn "to the left of" into a false
         # caption (and swap left/right regions), poisoning the spatial conditioning.
         out = {"image": image, "caption": ex["caption"]}
+        if "index" in ex:
+            out["index"] = ex["index"]
         if lowres_size is not None:
             out["lowres"] = degradations.degrade(image, lowres_size, degradation, degrade_seed)
         return out
@@ -401,7 +403,8 @@ def make_train_iterator(
     degradation: Mapping[str, Any] | None = None,
     cache_decoded: bool = False,
 ) -> Iterator[Batch]:
-    """Endless ``{"image": float32 [B,H,W,3] in [-1,1], "caption": str [B]}`` batches.
+    """Endless ``{"image": float32 [B,H,W,3] in [-1,1], "caption": str [B], "index": int64 [B]}``
+    batches; ``index`` is each example's position in ``split``.
 
     ``batch_size`` is per host. Each host reads a disjoint, equal-sized contiguous shard
     of ``split``. Batches may straddle epochs (the stream is flat), which is what makes
@@ -431,7 +434,9 @@ def make_train_iterator(
     total = _split_size(builder, split)
     start, end = _shard_bounds(total, process_index, process_count, even=True)
     per_host = end - start
-    base = _read_split(builder, f"{split}[{start}:{end}]")
+    # Each example's position in the split: which examples a step (or an expert) saw.
+    base = _read_split(builder, f"{split}[{start}:{end}]").enumerate(start=start)
+    base = base.map(lambda index, ex: {**ex, "index": index})
     if cache_decoded:
         base = _decoded_cache(builder, base)
     buffer = max(1, min(shuffle_buffer, per_host))

@@ -3,7 +3,7 @@
 A thin layer over ``ediff_jax.text.loading``: the same safetensors reader, name/shape checks and
 per-leaf placement as the text encoders (no PyTorch, no unpickling), with the vision tower's
 parameter names. Accepts ``CLIPModel``, ``CLIPVisionModelWithProjection`` and ``CLIPVisionModel``
-directories.
+directories, or hub ids ``org/name[@revision]`` of such repos (resolved by ``ediff_jax.hub``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 ``CLIP score = 100 * max(cos(image_embedding, text_embedding), 0)`` per image/prompt pair,
 averaged (Hessel et al., 2021, with w = 100 as in torchmetrics). The image side is our Flax
 vision tower, the text side our Flax text tower, both read from one Hugging Face ``CLIPModel``
-directory (or a vision directory plus ``text_path``). Nothing is downloaded.
+directory (or a vision directory plus ``text_path``), or hub ids of such repos, fetched through
+the Hugging Face cache (``ediff_jax.hub``).
 
 Preprocessing is CLIP's own (``CLIPImageProcessor``): Pillow bicubic resize of the shortest
 side (on uint8, as transformers does), centre crop, rescale, normalise; reproducing it exactly
@@ -29,7 +30,7 @@ from ediff_jax.eval.clip_loading import (
 from ediff_jax.eval.clip_vision import CLIPVisionEncoder
 from ediff_jax.eval.frechet import compute_features
 from ediff_jax.text.clip import CLIPTextEncoder
-from ediff_jax.text.loading import CheckpointError, load_clip_text_encoder, load_tokenizer
+from ediff_jax.text.loading import CheckpointError, _checkpoint_dir, load_clip_text_encoder, load_tokenizer
 
 
 def clip_preprocess(images: np.ndarray, preprocessing: CLIPImagePreprocessing) -> np.ndarray:
@@ -105,11 +106,13 @@ class CLIPScorer:
         dtype: Any = jnp.float32,
     ) -> CLIPScorer:
         """Both towers from a ``CLIPModel`` directory, or the text tower and tokenizer from
-        ``text_path`` when ``path`` holds only a vision model."""
-        vision_module, vision_params = load_clip_vision_encoder(path, dtype)
-        text_dir = path if text_path is None else text_path
+        ``text_path`` when ``path`` holds only a vision model. Either may be a hub id
+        ``org/name[@revision]``; each is resolved once, so all parts come from one snapshot."""
+        vision_dir = _checkpoint_dir(path)
+        text_dir = vision_dir if text_path is None else _checkpoint_dir(text_path)
+        vision_module, vision_params = load_clip_vision_encoder(vision_dir, dtype)
         text = load_clip_text_encoder(text_dir, dtype)
-        preprocessing = load_clip_preprocessing(path, vision_module.config.image_size)
+        preprocessing = load_clip_preprocessing(vision_dir, vision_module.config.image_size)
         return cls((vision_module, vision_params), text, load_tokenizer(text_dir), preprocessing)
 
     def _embed_images(self, images: np.ndarray) -> jax.Array:

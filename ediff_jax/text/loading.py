@@ -24,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
 
+from ediff_jax.hub import CheckpointError, CheckpointNotFoundError, resolve_checkpoint_dir
 from ediff_jax.text.clip import CLIPTextEncoder, CLIPTextEncoderConfig
 from ediff_jax.text.t5 import T5Encoder, T5EncoderConfig
 
@@ -42,16 +43,13 @@ _RAW_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
-    """A text-encoder checkpoint directory or load argument is unusable; the message says how to fix it."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Paths, configs, tokenizers
 
 
 def resolve_text_path(path_or_builtin: str | os.PathLike[str]) -> pathlib.Path:
-    """``"builtin:NAME"`` -> ``ediff_jax/assets/text/NAME`` in the installed package, else a filesystem path."""
+    """``"builtin:NAME"`` -> ``ediff_jax/assets/text/NAME`` in the installed package, else the text as a
+    path; the loaders resolve that further (hub ids ``org/name[@revision]``, see ``ediff_jax.hub``)."""
     text = os.fspath(path_or_builtin)
     if text.startswith(_BUILTIN_PREFIX):
         name = text[len(_BUILTIN_PREFIX) :]
@@ -64,13 +62,15 @@ def resolve_text_path(path_or_builtin: str | os.PathLike[str]) -> pathlib.Path:
 
 
 def _checkpoint_dir(path: str | os.PathLike[str]) -> pathlib.Path:
+    """A builtin asset, an existing local directory, or a hub id's cached snapshot."""
+    if not os.fspath(path).startswith(_BUILTIN_PREFIX):
+        return resolve_checkpoint_dir(path)
     directory = resolve_text_path(path)
     if not directory.is_dir():
         builtins = sorted(p.name for p in _BUILTIN_ROOT.glob("*") if p.is_dir())
-        raise CheckpointError(
-            f"text checkpoint directory {str(directory)!r} does not exist (or is not a directory). "
-            "Pass a local Hugging Face model directory (config.json + model.safetensors) or one of "
-            f"{['builtin:' + b for b in builtins]}; hub ids are not downloaded."
+        raise CheckpointNotFoundError(
+            f"builtin text asset {str(directory)!r} does not exist; the shipped ones are "
+            f"{['builtin:' + b for b in builtins]}"
         )
     return directory
 
@@ -321,6 +321,7 @@ def load_t5_encoder(
 ) -> tuple[T5Encoder, dict[str, Any]]:
     """T5 / mT5 / UMT5 encoder from a HF directory (T5EncoderModel, T5Model or T5ForConditionalGeneration).
 
+    ``path``: that directory, ``builtin:NAME``, or a hub id ``org/name[@revision]`` (``ediff_jax.hub``).
     ``sharding``: None (default device), one Sharding for every leaf, or ``(param_path, shape) -> Sharding``.
     """
     target = _float_dtype(dtype)
@@ -373,8 +374,8 @@ def load_clip_text_encoder(
 ) -> tuple[CLIPTextEncoder, dict[str, Any]]:
     """CLIP text tower from a HF directory (CLIPTextModel, CLIPTextModelWithProjection or CLIPModel).
 
-    The projection is used iff the weights contain ``text_projection.weight``. ``sharding`` as in
-    ``load_t5_encoder``.
+    The projection is used iff the weights contain ``text_projection.weight``. ``path`` and
+    ``sharding`` as in ``load_t5_encoder``.
     """
     target = _float_dtype(dtype)
     directory = _checkpoint_dir(path)
