@@ -12,10 +12,12 @@ INSTALL_REQUIRES = [
     "tensorflow-cpu>=2.21,<2.22",
     "tensorflow-datasets>=4.9.10,<4.10",
     "transformers>=5.23,<6",  # tokenizers and configs only: the encoders are our own Flax code
+    "huggingface_hub>=1",  # hub model ids for the text encoders (ediff_jax/hub.py)
     "tokenizers>=0.23,<0.24",
     "sentencepiece>=0.2.3,<0.3",
     "safetensors>=0.8,<0.9",
     "protobuf>=5",
+    "google-cloud-storage>=3,<4",  # orbax lists and deletes checkpoint steps on gs:// through it
     "importlib_resources",  # tensorflow-datasets imports it without declaring it
     "numpy>=2.0,<3",
     "pillow>=11",
@@ -31,7 +33,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # PyTorch (CPU) serves as the reference implementation in parity tests.
-    "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+    # gcp-storage-emulator (pinned: tests/gcs_emulator.py patches its handlers) and cryptography
+    # (the TLS proxy's certificate) serve gs:// on 127.0.0.1 for the remote-workdir test.
+    "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",
+             "gcp-storage-emulator==2026.7.19", "cryptography>=42"],
     # diffusers' UNet2DConditionModel (PyTorch, CPU) as the baseline of experiments/benchmarks/train_bench.py.
     "bench": ["diffusers==0.42.1", "torch==2.13.0"],
 }

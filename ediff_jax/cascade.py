@@ -20,6 +20,7 @@ import numpy as np
 
 from ediff_jax import logs, sr
 from ediff_jax.images import ensure_writable_dir
+from ediff_jax.paths import as_path
 
 SR_MODES = ("full", "tiles")
 
@@ -98,7 +99,7 @@ def read_stages(base_workdir: str | Path, sr_workdirs: Sequence[str | Path]) -> 
     """The stages' configs only (no checkpoints read), checked to chain: errors come first."""
     from ediff_jax.sampling import read_workdir_config
 
-    stages = [Stage(Path(w).expanduser(), read_workdir_config(w)) for w in [base_workdir, *sr_workdirs]]
+    stages = [Stage(as_path(w), read_workdir_config(w)) for w in [base_workdir, *sr_workdirs]]
     check_chain(stages)
     return stages
 
@@ -195,7 +196,7 @@ def sample_cascade_from_workdirs(
     stages = read_stages(base_workdir, sr_workdirs)  # geometry errors before any checkpoint is read
     if len(settings) > len(stages):
         raise ValueError(f"Got settings for {len(settings)} stages but only {len(stages)} workdirs.")
-    out = ensure_writable_dir(out or Path(base_workdir).expanduser() / "cascade")
+    out = ensure_writable_dir(out or as_path(base_workdir) / "cascade")
     load_stages(stages)
     expanded = [p for p in prompts for _ in range(num)]
     outputs = run_cascade(stages, expanded, settings, progress=True, **kwargs)

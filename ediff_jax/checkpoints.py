@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import os
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ediff_jax.paths import as_path
 
 
 # Metadata that legitimately changes during a run (e.g. the current expert phase).
@@ -68,8 +69,8 @@ class Checkpointer:
     """`read_only=True` (sampling, evaluation): nothing inside `checkpoints/` is created,
     cleaned up, renamed or written."""
 
-    def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True, read_only: bool = False):
-        self.directory = Path(workdir).expanduser().absolute() / "checkpoints"
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = as_path(workdir) / "checkpoints"
         self.read_only = read_only
         with _quiet_orbax_read_only():
             if read_only:
@@ -215,7 +216,7 @@ class Checkpointer:
         warnings.warn(f"Checkpoint step {step} in {self.directory} could not be read ({reason}); moved it to "
                       f"{target} and trying the previous checkpoint.")
         if source.exists():
-            shutil.move(str(source), str(target))
+            source.rename(target)
         self.manager.reload()
 
     def wait(self) -> None:
@@ -226,13 +227,13 @@ class Checkpointer:
         self.manager.close()
 
 
-def kept_steps(workdir: str | Path) -> list[int]:
+def kept_steps(workdir: str | os.PathLike) -> list[int]:
     """The checkpoint steps a workdir holds, ascending ([] when it has none).
 
     Reads only: a workdir without a `checkpoints` folder is not given one (Checkpointer
     would create it), and the manager is closed again before returning.
     """
-    if not (Path(workdir).expanduser() / "checkpoints").is_dir():
+    if not (as_path(workdir) / "checkpoints").is_dir():
         return []
     ckpt = Checkpointer(workdir, read_only=True)
     try:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
-
+from etils import epath
 import numpy as np
 from PIL import Image
+
+from ediff_jax.paths import as_path
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -27,16 +28,18 @@ def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.n
     return grid
 
 
-def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Creates `path` if needed and checks it can be written, before any work is done."""
-    path = Path(path).expanduser()
+def ensure_writable_dir(path: str | os.PathLike) -> epath.Path:
+    """Creates `path` (local, or an object-store URI such as gs://) if needed and checks it
+    can be written, before any work is done."""
+    path = as_path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write_test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"Output directory {str(path)!r} cannot be written ({e.strerror}); choose another path.") from None
+        raise ValueError(f"Output directory {str(path)!r} cannot be written ({e.strerror or e}); choose another "
+                         "path.") from None
     return path
 
 
@@ -45,4 +48,5 @@ def save_png(image: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> No
     img = Image.fromarray(image)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    img.save(path)
+    with as_path(path).open("wb") as f:  # also on object stores
+        img.save(f, format="PNG")

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ediff_jax.paths import as_path
+
 MODES = ("max", "std")
 MaskLike = Union[str, os.PathLike, np.ndarray, Any]  # a PNG path, an array, or a PIL image
 Paint = Mapping[str, MaskLike]
@@ -354,7 +356,7 @@ def sample_with_paint(
         raise ValueError("Give at least one prompt.")
     if not paint:
         raise ValueError("Paint at least one phrase, e.g. --paint 'red circle=left.png'.")
-    out = ensure_writable_dir(out or Path(workdir).expanduser() / "samples")
+    out = ensure_writable_dir(out or as_path(workdir) / "samples")
     raw = {phrase: load_mask(mask, None, what=repr(phrase)) for phrase, mask in paint.items()}
 
     def painted(exp: Any, expanded: list[str]) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ediff_jax import edm, experts, parallel, sr
 from ediff_jax.images import ensure_writable_dir, make_grid, save_png, to_uint8
+from ediff_jax.paths import as_path
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
 SAMPLERS = {"heun": edm.heun_sample, "euler": edm.euler_sample}
@@ -146,7 +147,7 @@ def read_workdir_config(workdir: str | Path) -> Any:
 
     from ediff_jax.config_utils import config_from_json
 
-    config_path = Path(workdir).expanduser() / "config.json"
+    config_path = as_path(workdir) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: --workdir must be a directory written by ediff_jax.train.")
     try:
@@ -229,7 +230,7 @@ def load_workdir(workdir: str | Path, devices: list | None = None,
     from ediff_jax import trainer
     from ediff_jax.checkpoints import Checkpointer, kept_steps, skipped_like
 
-    workdir = Path(workdir).expanduser()
+    workdir = as_path(workdir)
     config = read_workdir_config(workdir)
     name, index = ema_field(config, ema_decay)
     if not kept_steps(workdir):
@@ -288,7 +289,7 @@ def sample_from_workdir(
     """
     if not prompts:
         raise ValueError("Give at least one prompt.")
-    out = ensure_writable_dir(out or Path(workdir).expanduser() / "samples")  # before any heavy work
+    out = ensure_writable_dir(out or as_path(workdir) / "samples")  # before any heavy work
     check_base_workdir(workdir)
     config, exp, ema_params = load_workdir(workdir, ema_decay=ema_decay)
     sample = Sampler(exp.model, exp.encoders, image_size=int(config.data.image_size),

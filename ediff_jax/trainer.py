@@ -7,10 +7,10 @@ is importable from a notebook.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import flax
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -473,7 +474,7 @@ def checked_abstract_state(exp: Experiment, ckpt: Checkpointer, saved: Mapping[s
     return abstract_with_shardings(abstract, shardings), shardings, phase
 
 
-def saved_config(saved: Mapping[str, Any], workdir: Path) -> dict | None:
+def saved_config(saved: Mapping[str, Any], workdir: epath.Path) -> dict | None:
     """The config a checkpoint was written with: its own record, else (checkpoints from
     before that record) the workdir's config.json, which the last run wrote."""
     progress = saved.get("progress", {})
@@ -597,7 +598,7 @@ def _flops_and_peak(exp: Experiment, train_step: Callable, args: tuple) -> tuple
     return step_flops, peak
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, stop_after: int | None = None) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stop_after: int | None = None) -> TrainState:
     """The train loop: data -> step -> logs, checkpoints and sample grids -> final grid.
 
     `stop_after` ends this run early at that step, with a checkpoint (as a preempted job
@@ -619,7 +620,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
         lock.release()
 
 
-def _lock_workdir(config: ml_collections.ConfigDict, workdir: Path) -> WorkdirLock:
+def _lock_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> WorkdirLock:
     """Process 0 locks the workdir (one writer per workdir); every process learns whether it
     got it, so that a refused multi-host job stops everywhere instead of hanging."""
     lock = WorkdirLock(workdir, take_over=bool(config.train.take_over_workdir), process_index=jax.process_index())
@@ -638,7 +639,7 @@ def _lock_workdir(config: ml_collections.ConfigDict, workdir: Path) -> WorkdirLo
     return lock
 
 
-def _train(config: ml_collections.ConfigDict, workdir: Path, stop_after: int | None, started: float,
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop_after: int | None, started: float,
            max_seconds: float, lock: WorkdirLock) -> TrainState:
     """`train_and_evaluate`'s body, run while this job holds the workdir lock."""
     from ediff_jax.data import pipeline  # deferred: importing TF is slow and notebooks may not need it
@@ -780,7 +781,7 @@ def _sr_grid_inputs(exp: Experiment, count: int) -> tuple[list[str], np.ndarray,
     return [str(c) for c in batch["caption"]], batch["lowres"], batch["image"]
 
 
-def _write_grid(exp: Experiment, state: TrainState, phase: int, path: Path, writer: MetricWriter, step: int) -> None:
+def _write_grid(exp: Experiment, state: TrainState, phase: int, path: epath.Path, writer: MetricWriter, step: int) -> None:
     """Samples with the EMA weights (the whole ensemble).
 
     A base model: `config.sample.prompts`, a row per prompt. An SR stage: validation

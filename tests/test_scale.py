@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -104,43 +105,108 @@ def test_two_processes_equal_one_process(shapes_data_dir, tmp_path):
         np.testing.assert_allclose(two[jax.tree_util.keystr(path)], np.asarray(value), rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.slow
-def test_sigterm_then_resume_is_bitwise_identical(shapes_data_dir, tmp_path):
-    """A run killed by SIGTERM mid-training saves the step in flight; resumed, it ends bitwise
-    identical to an uninterrupted run."""
-    config = tiny(shapes_data_dir, num_steps=8)
-    config_json = tmp_path / "config.json"
+@pytest.fixture(scope="module")
+def eight_steps(shapes_data_dir, tmp_path_factory):
+    """An 8-step config (checkpoint every step, 3 kept), its JSON for subprocess drivers, and
+    the parameters of an uninterrupted run: what every interrupted run must end with."""
+    config = tiny(shapes_data_dir, num_steps=8, ckpt_every=1, keep_ckpts=3)
+    tmp = tmp_path_factory.mktemp("eight_steps")
+    config_json = tmp / "config.json"
     config_json.write_text(config.to_json_best_effort())
-    workdir = tmp_path / "preempted"
+    straight = trainer.train_and_evaluate(config, tmp / "straight")
+    return config, config_json, jax.tree.map(np.array, (straight.params, straight.ema_params))
+
+
+def start_training(config_json: Path, workdir: Path) -> subprocess.Popen:
+    """`train_and_evaluate` in a subprocess, under this process's XLA flags (tests/conftest.py):
+    the interrupted halves and the uninterrupted run must be one compiled program. Different
+    flags (e.g. another --xla_backend_optimization_level) reorder float operations, and no
+    resume can be exact across that."""
     driver = textwrap.dedent(f"""
         from ediff_jax import trainer
         from ediff_jax.config_utils import config_from_json
         trainer.train_and_evaluate(config_from_json(open({str(config_json)!r}).read()), {str(workdir)!r})
     """)
-    # The same XLA flags as this process (tests/conftest.py): the preempted half, the resumed half and
-    # the uninterrupted run must be one compiled program. Different flags (e.g. another
-    # --xla_backend_optimization_level) reorder float operations, which no resume can be exact across.
     env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"]}
-    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", driver], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def assert_same_run(state, expected) -> None:
+    jax.tree.map(np.testing.assert_array_equal, (state.params, state.ema_params), expected)
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_is_bitwise_identical(eight_steps, tmp_path):
+    """A run stopped by SIGTERM mid-training saves the step in flight; resumed, it ends bitwise
+    identical to an uninterrupted run. While it runs, a second trainer on its workdir is refused."""
+    from ediff_jax.checkpoints import kept_steps
+    from ediff_jax.workdir_lock import WorkdirLockedError
+
+    config, config_json, expected = eight_steps
+    workdir = tmp_path / "preempted"
+    proc = start_training(config_json, workdir)
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            with pytest.raises(WorkdirLockedError, match=f"pid {proc.pid}"):
+                trainer.train_and_evaluate(config, workdir)
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.2)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert "SIGTERM: saved step" in output
-    from ediff_jax.checkpoints import Checkpointer
-
-    stopped_at = Checkpointer(workdir, async_save=False).latest_step()
+    stopped_at = kept_steps(workdir)[-1]
     assert 2 <= stopped_at < 8, output
-    resumed = trainer.train_and_evaluate(config, workdir)
-    straight = trainer.train_and_evaluate(config, tmp_path / "straight")
-    jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
-    jax.tree.map(np.testing.assert_array_equal, resumed.ema_params, straight.ema_params)
+    assert_same_run(trainer.train_and_evaluate(config, workdir), expected)
+
+
+def orbax_tmp_dirs(checkpoints: Path) -> list[str]:
+    """Checkpoints orbax is still writing (finalised by an atomic rename)."""
+    try:
+        return [e.name for e in os.scandir(checkpoints) if "tmp" in e.name]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_resumes_to_the_same_parameters(eight_steps, tmp_path):
+    """kill -9, alternately the moment a checkpoint is being written and after a random delay:
+    every relaunch resumes (taking over the dead run's lock at once) from a complete checkpoint,
+    nothing is ever set aside as unreadable, and the run ends bitwise where an uninterrupted one
+    does."""
+    from ediff_jax.checkpoints import kept_steps
+
+    config, config_json, expected = eight_steps
+    workdir = tmp_path / "killed"
+    checkpoints = workdir / "checkpoints"
+    rng = np.random.default_rng(0)
+    killed_during_save, outputs = [], []
+    for attempt in range(4):
+        proc = start_training(config_json, workdir)
+        mode = "save" if attempt % 2 == 0 else "random"
+        started, delay = time.monotonic(), float(rng.uniform(3.0, 12.0))
+        while proc.poll() is None and time.monotonic() - started < 240:
+            writing = orbax_tmp_dirs(checkpoints)
+            if (mode == "save" and writing) or (mode == "random" and time.monotonic() - started > delay):
+                proc.kill()
+                killed_during_save.append(bool(writing))
+                break
+            time.sleep(0.001 if mode == "save" else 0.05)
+        outputs.append(proc.communicate(timeout=60)[0])
+        if proc.returncode == 0:  # finished before the kill came
+            break
+        assert proc.returncode == -signal.SIGKILL, outputs[-1]
+    assert any(killed_during_save), f"no kill landed during a checkpoint write: {killed_during_save}"
+    with warnings.catch_warnings(record=True) as caught:  # at most: the dead run's lock was replaced
+        warnings.simplefilter("always")
+        final = trainer.train_and_evaluate(config, workdir)
+    assert not [w for w in caught if "could not be read" in str(w.message) or "damaged" in str(w.message)]
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith("unreadable_")]
+    assert kept_steps(workdir)[-1] == 8
+    assert_same_run(final, expected)
 
 
 @pytest.mark.slow

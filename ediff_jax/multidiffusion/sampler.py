@@ -22,6 +22,7 @@ from ediff_jax.images import ensure_writable_dir, to_uint8
 from ediff_jax.multidiffusion.denoiser import check_chunk_size, multidiffusion_denoiser, tiled_denoiser
 from ediff_jax.multidiffusion.regions import bootstrap_sigma, check_bootstrap_fraction, check_masks, region_denoiser
 from ediff_jax.multidiffusion.views import Tiling, crop, wrap_canvas
+from ediff_jax.paths import as_path
 from ediff_jax.sampling import SAMPLERS, check_base_workdir, check_sampler_args, load_workdir, make_model_fn, read_workdir_config, write_samples
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
@@ -203,7 +204,7 @@ def sample_canvas_from_workdir(
     """
     if not prompts:
         raise ValueError("Give at least one prompt.")
-    workdir = Path(workdir).expanduser()
+    workdir = as_path(workdir)
     check_base_workdir(workdir)
     size = int(read_workdir_config(workdir).data.image_size)
     height, width = size if height is None else height, size if width is None else width

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from ediff_jax import logs
+from ediff_jax.paths import as_path
 from ediff_jax.text.conditioning import TextEncoders
 
 COND_KEYS = ("t5", "t5_mask", "clip", "clip_mask", "clip_pooled")
@@ -33,9 +35,9 @@ def cache_key(text_config: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_path(builder: Any, text_config: Mapping[str, Any]) -> Path:
+def cache_path(builder: Any, text_config: Mapping[str, Any]) -> epath.Path:
     """`<dataset version dir>/text_embeddings/<key>.npz`, beside the TFDS shards."""
-    return Path(builder.data_dir) / "text_embeddings" / f"{cache_key(text_config)}.npz"
+    return as_path(builder.data_dir) / "text_embeddings" / f"{cache_key(text_config)}.npz"
 
 
 class TextEmbeddingCache:
@@ -60,17 +62,18 @@ class TextEmbeddingCache:
         rows = np.array([self.index[c] for c in captions])
         return {k: v[rows] for k, v in self.arrays.items()}
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
+    def save(self, path: str | os.PathLike) -> epath.Path:
+        path = as_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, captions=np.array(self.captions, dtype=str), **self.arrays)
+        with tmp.open("wb") as f:  # a file object: also on object stores
+            np.savez(f, captions=np.array(self.captions, dtype=str), **self.arrays)
         tmp.replace(path)  # atomic: a crash never leaves a truncated cache behind
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "TextEmbeddingCache":
-        with np.load(path) as data:
+    def load(cls, path: str | os.PathLike) -> "TextEmbeddingCache":
+        with as_path(path).open("rb") as f, np.load(f) as data:
             return cls([str(c) for c in data["captions"]], {k: data[k] for k in COND_KEYS})
 
 
@@ -89,7 +92,7 @@ def encode_captions(encoders: TextEncoders, captions: Sequence[str], batch_size:
 
 
 def build_cache(builder: Any, encoders: TextEncoders, text_config: Mapping[str, Any],
-                splits: Sequence[str] | None = None) -> Path:
+                splits: Sequence[str] | None = None) -> epath.Path:
     """Encodes every caption of `splits` (default: all) and writes the cache file."""
     from ediff_jax.data import pipeline
 
