@@ -115,7 +115,7 @@ def load_stages(stages: Sequence[Stage]) -> None:
 def _settings(stage: Stage, given: StageSettings, index: int, base_seed: int) -> StageSettings:
     c = stage.config
     return StageSettings(
-        steps=given.steps or int(c.sample.steps),
+        steps=int(c.sample.steps) if given.steps is None else given.steps,
         guidance=float(c.sample.guidance) if given.guidance is None else float(given.guidance),
         aug_level=float(c.sr.aug_level) if given.aug_level is None else float(given.aug_level),
         seed=base_seed + index if given.seed is None else int(given.seed),

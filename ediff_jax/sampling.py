@@ -289,11 +289,12 @@ def sample_from_workdir(
     """
     if not prompts:
         raise ValueError("Give at least one prompt.")
+    check_base_workdir(workdir)  # a mistyped --workdir fails here, before any folder is made
+    check_sampler_args(sampler or "heun", 1 if steps is None else steps)
     out = ensure_writable_dir(out or as_path(workdir) / "samples")  # before any heavy work
-    check_base_workdir(workdir)
     config, exp, ema_params = load_workdir(workdir, ema_decay=ema_decay)
     sample = Sampler(exp.model, exp.encoders, image_size=int(config.data.image_size),
-                     steps=steps or int(config.sample.steps), sampler=sampler or config.sample.sampler,
+                     steps=int(config.sample.steps) if steps is None else steps, sampler=sampler or config.sample.sampler,
                      sigma_data=float(config.edm.sigma_data), progress=progress, boundaries=exp.boundaries)
     guidance = float(config.sample.guidance) if guidance is None else float(guidance)
     expanded = [p for p in prompts for _ in range(num)]

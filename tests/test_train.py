@@ -190,13 +190,13 @@ def test_unknown_dataset_is_named(tiny_config, tmp_path):
         trainer.train_and_evaluate(bad, tmp_path / "wd")
 
 
-def test_unwritable_workdir_and_output(tiny_config, tmp_path):
+def test_unwritable_workdir_and_output(tiny_config, trained_workdir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="cannot be written"):
         trainer.train_and_evaluate(tiny_config, blocker / "wd")
     with pytest.raises(ValueError, match="cannot be written"):
-        sample_from_workdir(tmp_path, ["a red circle"], out=blocker / "out")
+        sample_from_workdir(trained_workdir, ["a red circle"], out=blocker / "out")
 
 
 def test_long_prompt_is_truncated_with_warning(exp, caplog):
@@ -244,3 +244,14 @@ def test_sample_with_paint_from_workdir(trained_workdir, tmp_path):
     assert images.shape == (2, 32, 32, 3)
     for name in ("grid.png", "masks.png", "paint.txt", "prompts.txt"):
         assert (tmp_path / "out" / name).exists(), name
+
+
+def test_python_sampling_refuses_zero_steps_and_a_missing_workdir(trained_workdir, tmp_path):
+    """steps=0 used to fall back to the config's steps silently; a missing workdir used to be
+    given an empty samples/ folder before the error."""
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        sample_from_workdir(trained_workdir, ["a red circle"], steps=0, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        sample_from_workdir(tmp_path / "typo", ["a red circle"])
+    assert not (tmp_path / "typo").exists()

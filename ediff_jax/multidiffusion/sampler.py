@@ -218,7 +218,7 @@ def sample_canvas_from_workdir(
     config, exp, ema_params = load_workdir(workdir, ema_decay=ema_decay)
     sample = MultiDiffusionSampler(
         exp.model, exp.encoders, image_size=size, height=height, width=width, stride=stride, circular=circular,
-        steps=steps or int(config.sample.steps), sampler=sampler or config.sample.sampler,
+        steps=int(config.sample.steps) if steps is None else steps, sampler=sampler or config.sample.sampler,
         sigma_data=float(config.edm.sigma_data), chunk_size=chunk_size, bootstrap_fraction=bootstrap_fraction,
         progress=progress, boundaries=getattr(exp, "boundaries", None),
     )
