@@ -122,7 +122,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         logs.fail(f"unexpected arguments {argv[1:]}: quote a prompt of several words, e.g. --prompt \"a red circle\".")
     logs.quiet_library_logs()
-    with logs.user_errors(ValueError, FileNotFoundError):  # the user's input: one line, no traceback
+    from ediff_jax.checkpoints import CheckpointReadError  # deferred: orbax is slow to import
+
+    # The user's input, and a checkpoint that fails to read (OOM, storage): one line, no traceback.
+    with logs.user_errors(ValueError, FileNotFoundError, CheckpointReadError):
         check_flags()
         run()
 

@@ -31,8 +31,12 @@ def main(argv: list[str]) -> None:
         logs.fail(f"unexpected arguments {argv[1:]}: every setting is a flag, e.g. --config.train.lr=3e-4.")
     logs.quiet_library_logs()
     from ediff_jax import distributed, trainer  # deferred so --help is fast
+    from ediff_jax.checkpoints import CheckpointReadError
+    from ediff_jax.workdir_lock import WorkdirLockedError
 
-    with logs.user_errors(ValueError, FloatingPointError):  # user-facing errors: message, not traceback
+    # User-facing errors end in their one-line message, not a traceback: bad settings, a
+    # missing file, NaN/Inf, a workdir another trainer holds, a checkpoint that fails to read.
+    with logs.user_errors(ValueError, FloatingPointError, FileNotFoundError, WorkdirLockedError, CheckpointReadError):
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -408,3 +408,17 @@ def test_trainer_is_refused_on_a_live_workdir_and_can_take_it_over(shapes_data_d
         state = trainer.train_and_evaluate(tiny_train_config(shapes_data_dir, ckpt_every=1), taken)
     assert int(state.step) == 1
     assert not [p for p in (taken / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_cli_second_trainer_gets_one_line(tmp_path, holders):
+    """`python -m ediff_jax.train` on a held workdir: one line naming the holder, no traceback,
+    and nothing written into the workdir."""
+    workdir = tmp_path / "run"
+    other = holders(workdir, "other", lease=600.0, beat=0.05)
+    assert other.wait_for("acquired")
+    done = subprocess.run([sys.executable, "-m", "ediff_jax.train", "--config", "configs/base64.py:size=tiny",
+                           "--workdir", str(workdir)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"pid {other.pid}" in lines[-1] and "take_over_workdir=True" in lines[-1], done.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == [LOCK_NAME]
