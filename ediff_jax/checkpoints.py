@@ -38,16 +38,24 @@ class CheckpointReadError(RuntimeError):
 _DAMAGE_STATUSES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
 
 
+def _cause_chain(error: BaseException) -> list[BaseException]:
+    """`error` and what caused it, outermost first: orbax wraps the TensorStore error
+    that says what happened in a plain Exception."""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 def damage_reason(error: BaseException) -> str | None:
     """Why `error` shows the checkpoint itself is unreadable, or None if it does not.
 
     Only deserialisation and integrity errors count: invalid JSON metadata, a missing
-    file, or a TensorStore read whose status is one of `_DAMAGE_STATUSES`. Orbax wraps
-    TensorStore errors in a plain Exception, so the whole cause chain is searched.
+    file, or a TensorStore read whose status is one of `_DAMAGE_STATUSES`, anywhere in
+    the cause chain.
     """
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
+    for error in _cause_chain(error):
         if isinstance(error, json.JSONDecodeError):
             return f"invalid JSON ({error})"
         if isinstance(error, FileNotFoundError):
@@ -56,7 +64,6 @@ def damage_reason(error: BaseException) -> str | None:
         for status in _DAMAGE_STATUSES:
             if message.startswith(status + ":"):
                 return message.splitlines()[0][:300]
-        error = error.__cause__ or error.__context__
     return None
 
 
@@ -162,9 +169,7 @@ class Checkpointer:
         """The damage reason of a failed read, or raises: other failures are not damage."""
         reason = damage_reason(error)
         if reason is None:
-            root = error  # orbax wraps the TensorStore error that says what happened
-            while root.__cause__ is not None or root.__context__ is not None:
-                root = root.__cause__ or root.__context__
+            root = _cause_chain(error)[-1]
             first_line = (str(root).splitlines() or [""])[0][:300]
             raise CheckpointReadError(
                 f"Reading checkpoint step {step} in {self.directory} failed with {type(root).__name__}: {first_line}. "

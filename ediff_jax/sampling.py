@@ -228,14 +228,16 @@ def load_workdir(workdir: str | Path, devices: list | None = None,
     checkpoint is damaged (then the previous one is used, with a warning).
     """
     from ediff_jax import trainer
-    from ediff_jax.checkpoints import Checkpointer, kept_steps, skipped_like
+    from ediff_jax.checkpoints import Checkpointer, skipped_like
 
     workdir = as_path(workdir)
     config = read_workdir_config(workdir)
     name, index = ema_field(config, ema_decay)
-    if not kept_steps(workdir):
+    ckpt = Checkpointer(workdir, read_only=True) if (workdir / "checkpoints").is_dir() else None
+    if ckpt is None or not ckpt.all_steps():
+        if ckpt is not None:
+            ckpt.close()
         raise FileNotFoundError(f"No checkpoint in {workdir / 'checkpoints'}; train first.")
-    ckpt = Checkpointer(workdir, read_only=True)
     exp = trainer.build_experiment(config, devices)
 
     def abstract_for(saved: dict) -> Any:
