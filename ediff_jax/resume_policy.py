@@ -26,7 +26,7 @@ MUST_MATCH, WARN, FREE = "must_match", "warn", "free"
 
 # (dotted key prefix, class); the first prefix that matches a key decides. Keep the
 # more specific prefixes first. A key of base_config() that matches none is a bug
-# (tests/test_resume_policy.py checks every key).
+# (tests/test_trustworthy_runs.py::test_every_config_key_has_a_resume_rule checks every key).
 RESUME_RULES: tuple[tuple[str, str], ...] = (
     ("seed", MUST_MATCH),
     ("process_count", MUST_MATCH),  # not a config key: recorded with each checkpoint
@@ -42,8 +42,7 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     ("sr.aug_level", FREE),  # sampling only
     ("sr.aug_max", WARN),
     ("sr", MUST_MATCH),
-    ("edm.p_mean", MUST_MATCH),  # the experts' sigma boundaries are quantiles of p(sigma)
-    ("edm", MUST_MATCH),
+    ("edm", MUST_MATCH),  # sigma_data, and p(sigma) whose quantiles are the experts' sigma boundaries
     ("experts.train_map", FREE),  # the same update, computed another way
     ("experts", MUST_MATCH),
     ("mesh", FREE),  # checkpoints restore onto any mesh
