@@ -76,10 +76,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.text = ml_collections.ConfigDict()
     # Hugging Face model directories, hub ids "org/name" or "org/name@REVISION" (fetched
     # through the HF cache; an existing local directory of that name wins), or builtin:NAME
-    # for the shipped tiny defaults. For real eDiff-I conditioning point these at T5-XXL
-    # (google/t5-v1_1-xxl) and CLIP-L/14 (openai/clip-vit-large-patch14).
-    c.text.t5_path = "builtin:t5_shapes"
-    c.text.clip_path = "builtin:clip_shapes"
+    # for the shipped tiny defaults, pretrained here on the dataset's captions (T5 by span
+    # corruption, CLIP contrastively; `python -m ediff_jax.text.build_default_assets`).
+    # builtin:t5_shapes / builtin:clip_shapes are the older random ones, kept for old workdirs.
+    # For real eDiff-I conditioning point these at T5-XXL (google/t5-v1_1-xxl) and CLIP-L/14
+    # (openai/clip-vit-large-patch14).
+    c.text.t5_path = "builtin:t5_shapes_v2"
+    c.text.clip_path = "builtin:clip_shapes_v2"
     c.text.t5_max_length = 32
     c.text.clip_max_length = 32
     c.text.drop_rates = ml_collections.ConfigDict({"t5": 0.25, "clip": 0.2})  # eDiff-I's rates

@@ -88,6 +88,10 @@ def progress_meta(exp: "Experiment", phase: int) -> dict:
     shape): the phase, the experts' boundaries, and the run's whole config and process
     count, which `resume_policy` compares on resume."""
     out: dict[str, Any] = {"phase": phase, "config": exp.config.to_dict(), "process_count": jax.process_count()}
+    out["text_encoders"] = {
+        name: {"path": str(exp.config.text[f"{name}_path"]), "sha256": sha}
+        for name, sha in exp.encoders.fingerprints.items()
+    }
     if exp.phases:
         out["boundaries"] = experts.boundaries_from_intervals(
             exp.phases[phase], exp.config.edm.p_mean, exp.config.edm.p_std).tolist()
@@ -462,11 +466,29 @@ def check_checkpoint_kind(saved: Mapping[str, Any] | None, exp: Experiment) -> N
         )
 
 
+def check_text_encoders(saved: Mapping[str, Any], exp: Experiment) -> None:
+    """A model only understands the encoders it was trained with: same weights, not just same path.
+
+    Checkpoints written before the record existed carry none and are not checked.
+    """
+    recorded = saved.get("progress", {}).get("text_encoders", {})
+    for name, record in recorded.items():
+        loaded = exp.encoders.fingerprints.get(name)
+        if loaded is not None and loaded != record["sha256"]:
+            raise CheckpointMismatchError(
+                f"This checkpoint was trained with the {name} encoder {record['path']!r} (weights sha256 "
+                f"{record['sha256'][:12]}...), but config.text.{name}_path={exp.config.text[f'{name}_path']!r} "
+                f"loads different weights ({loaded[:12]}...). Point config.text.{name}_path at the encoder "
+                "the model was trained with."
+            )
+
+
 def checked_abstract_state(exp: Experiment, ckpt: Checkpointer, saved: Mapping[str, Any]) -> tuple[TrainState, Any, int]:
     """The abstract train state (with shardings) that a checkpoint restores onto, after
     checking that the checkpoint holds this model; also its shardings and expert phase.
     Training and sampling both restore through here."""
     check_checkpoint_kind(saved, exp)
+    check_text_encoders(saved, exp)
     saved = {**saved, "model": {k: v for k, v in saved.get("model", {}).items() if k not in FREE_MODEL_KEYS}}
     ckpt.check_compatible(model_meta(exp.config), saved)
     phase = int(saved.get("progress", {}).get("phase", 0))

@@ -76,7 +76,10 @@ def test_cache_round_trips(encoders, shapes_data_dir, tmp_path):
 
 
 def test_cache_key_depends_on_encoders():
+    """Settings and weights both key the cache: rebuilt encoders under one path get a new file."""
     a = base_config().text
     b = base_config().text
     b.t5_max_length = 64
-    assert text_cache.cache_key(a) != text_cache.cache_key(b)
+    weights = {"t5": "0" * 64, "clip": "1" * 64}
+    assert text_cache.cache_key(a, weights) != text_cache.cache_key(b, weights)
+    assert text_cache.cache_key(a, weights) != text_cache.cache_key(a, {**weights, "t5": "2" * 64})

@@ -386,6 +386,23 @@ def test_aggregate_alignment_counts_each_kind() -> None:
     assert metrics["num_two_object"] == 0 and math.isnan(metrics["two_object_relation_accuracy"])
 
 
+def test_strict_accuracies_also_require_no_extra_object() -> None:
+    """A requested object beside an unrequested one is right leniently and wrong strictly."""
+    red, blue = shapes.ShapeObject("red", "circle", 0.25, 0.5, 0.3), shapes.ShapeObject("blue", "square", 0.75, 0.5, 0.3)
+    green = shapes.ShapeObject("green", "triangle", 0.5, 0.15, 0.25)
+    cases = [
+        (shapes.Scene((red,)), "a red circle"),  # right both ways
+        (shapes.Scene((red, blue)), "a red circle"),  # an extra blue square
+        (shapes.Scene((red, blue)), "a red circle to the left of a blue square"),  # right both ways
+        (shapes.Scene((red, blue, green)), "a red circle to the left of a blue square"),  # an extra triangle
+    ]
+    metrics = aggregate_alignment([score_alignment(shapes.render_scene(s, 64), c) for s, c in cases])
+    assert metrics["one_object_color_shape_accuracy"] == 1.0
+    assert metrics["one_object_color_shape_strict_accuracy"] == 0.5
+    assert metrics["two_object_relation_accuracy"] == 1.0
+    assert metrics["two_object_relation_strict_accuracy"] == 0.5
+
+
 def test_scorer_rejects_unusable_images() -> None:
     with pytest.raises(ValueError, match="to_uint8"):
         score_alignment(np.zeros((32, 32, 3), np.float32), "a red circle")

@@ -349,7 +349,7 @@ def test_resolve_text_path() -> None:
     assert resolve_text_path("relative/dir") == pathlib.Path("relative/dir")
 
 
-@pytest.mark.parametrize("name", ["t5_shapes", "clip_shapes"])
+@pytest.mark.parametrize("name", ["t5_shapes", "clip_shapes", "t5_shapes_v2", "clip_shapes_v2"])
 def test_builtin_assets_round_trip(name: str) -> None:
     path = resolve_text_path(f"builtin:{name}")
     assert sum(f.stat().st_size for f in path.iterdir()) < 1_000_000
@@ -359,7 +359,7 @@ def test_builtin_assets_round_trip(name: str) -> None:
         padding="max_length", max_length=32, truncation=True, return_tensors="np",
     )
     first = batch["input_ids"][0][batch["attention_mask"][0] == 1]
-    if name == "t5_shapes":
+    if name.startswith("t5_shapes"):
         assert tokenizer.unk_token_id not in first and first[-1] == tokenizer.eos_token_id
         assert len(first) == 11  # every caption word is one piece, plus </s>
         module, params = load_t5_encoder(path)

@@ -177,6 +177,32 @@ def test_sampling_restores_only_the_chosen_ema_and_writes_nothing(shapes_data_di
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(extra)))
 
 
+def test_a_model_samples_only_with_the_encoders_it_was_trained_with(shapes_data_dir, trained, tmp_path):
+    """Checkpoints record each encoder's path and weights' sha256; pointing the workdir's
+    config at other weights (here the older random T5) is refused, naming both."""
+    from ediff_jax.checkpoints import CheckpointMismatchError
+    from ediff_jax.sampling import load_workdir
+    from ediff_jax.text.loading import resolve_text_path, weights_fingerprint
+
+    workdir = copy_of(trained, tmp_path)
+    ckpt = Checkpointer(workdir, read_only=True)
+    recorded = ckpt.read_meta(4)["progress"]["text_encoders"]
+    ckpt.close()
+    assert recorded["t5"] == {"path": "builtin:t5_shapes_v2",
+                              "sha256": weights_fingerprint(resolve_text_path("builtin:t5_shapes_v2"))}
+    config = json.loads((workdir / "config.json").read_text())
+    config["text"]["t5_path"] = "builtin:t5_shapes"
+    (workdir / "config.json").write_text(json.dumps(config))
+    mismatch = r"trained with the t5 encoder 'builtin:t5_shapes_v2'.*t5_path='builtin:t5_shapes' loads different weights"
+    with pytest.raises(CheckpointMismatchError, match=mismatch):
+        load_workdir(workdir)
+    # Resuming with them is refused too, even when the path change itself is allowed.
+    c = tiny(shapes_data_dir, extra_ema_decays=(0.2,), num_steps=6, allow_resume_change="text.t5_path")
+    c.text.t5_path = "builtin:t5_shapes"
+    with pytest.raises(CheckpointMismatchError, match=mismatch):
+        trainer.train_and_evaluate(c, workdir)
+
+
 def inject(monkeypatch, method: str, step: int, message: str) -> None:
     """Makes Checkpointer.<method> raise like orbax does (a plain Exception wrapping a
     TensorStore ValueError) when it reads `step`."""

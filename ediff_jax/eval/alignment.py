@@ -122,6 +122,9 @@ def aggregate_alignment(results: Sequence[AlignmentResult]) -> dict[str, float]:
     ``one_object_color_shape_accuracy``: one-object prompts with the right colour and shape
     (region ignored); ``two_object_relation_accuracy``: two-object prompts with a relation that
     are fully correct (both colours, both shapes, the relation); ``num_*`` are the denominators.
+    Each ``*_strict_accuracy`` is the same count that also requires no extra object
+    (``count_ok``): the lenient figure asks "is what was asked for there", the strict one adds
+    "and nothing else".
     """
     one = [r for r in results if len(r.parsed.objects) == 1]
     two = [r for r in results if len(r.parsed.objects) == 2]
@@ -131,9 +134,11 @@ def aggregate_alignment(results: Sequence[AlignmentResult]) -> dict[str, float]:
     return {
         "all_ok_accuracy": _mean([r.all_ok for r in results]),
         "one_object_color_shape_accuracy": _mean([r.color_ok and r.shape_ok for r in one]),
+        "one_object_color_shape_strict_accuracy": _mean([r.color_ok and r.shape_ok and r.count_ok for r in one]),
         "one_object_all_ok_accuracy": _mean([r.all_ok for r in one]),
         "two_object_color_shape_accuracy": _mean([r.color_ok and r.shape_ok for r in two]),
         "two_object_relation_accuracy": _mean([r.all_ok for r in two_with_relation]),
+        "two_object_relation_strict_accuracy": _mean([r.all_ok and r.count_ok for r in two_with_relation]),
         "two_object_all_ok_accuracy": _mean([r.all_ok for r in two]),
         "color_accuracy": _mean([r.color_ok for r in results]),
         "shape_accuracy": _mean([r.shape_ok for r in results]),

@@ -28,16 +28,18 @@ from ediff_jax.text.conditioning import TextEncoders
 COND_KEYS = ("t5", "t5_mask", "clip", "clip_mask", "clip_pooled")
 
 
-def cache_key(text_config: Mapping[str, Any]) -> str:
-    """Identifies the encoder settings an embedding was made with."""
+def cache_key(text_config: Mapping[str, Any], fingerprints: Mapping[str, str]) -> str:
+    """Identifies the encoders an embedding was made with: settings *and* weights (sha256), so
+    rebuilt encoders under the same path never read embeddings of the old ones."""
     keys = ("t5_path", "clip_path", "t5_max_length", "clip_max_length")
-    blob = json.dumps({k: str(text_config[k]) for k in keys}, sort_keys=True)
+    settings = {k: str(text_config[k]) for k in keys}
+    blob = json.dumps({**settings, "weights": dict(fingerprints)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_path(builder: Any, text_config: Mapping[str, Any]) -> epath.Path:
+def cache_path(builder: Any, text_config: Mapping[str, Any], fingerprints: Mapping[str, str]) -> epath.Path:
     """`<dataset version dir>/text_embeddings/<key>.npz`, beside the TFDS shards."""
-    return as_path(builder.data_dir) / "text_embeddings" / f"{cache_key(text_config)}.npz"
+    return as_path(builder.data_dir) / "text_embeddings" / f"{cache_key(text_config, fingerprints)}.npz"
 
 
 class TextEmbeddingCache:
@@ -101,13 +103,13 @@ def build_cache(builder: Any, encoders: TextEncoders, text_config: Mapping[str, 
     for split in splits:
         captions.extend(pipeline.read_captions(builder, split))
     cache = encode_captions(encoders, captions)
-    path = cache.save(cache_path(builder, text_config))
+    path = cache.save(cache_path(builder, text_config, encoders.fingerprints))
     logs.info(f"Cached {len(cache)} distinct caption embeddings of {len(captions)} examples to {path}")
     return path
 
 
 def load_or_build_cache(builder: Any, encoders: TextEncoders, text_config: Mapping[str, Any]) -> TextEmbeddingCache:
-    path = cache_path(builder, text_config)
+    path = cache_path(builder, text_config, encoders.fingerprints)
     if not path.exists():
         build_cache(builder, encoders, text_config)
     return TextEmbeddingCache.load(path)

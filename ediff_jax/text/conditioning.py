@@ -18,7 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ediff_jax.text.loading import load_clip_text_encoder, load_t5_encoder, load_tokenizer, resolve_text_path
+from ediff_jax.text.loading import (
+    CheckpointError,
+    checkpoint_dir,
+    load_clip_text_encoder,
+    load_t5_encoder,
+    load_tokenizer,
+    weights_fingerprint,
+)
 
 Cond = dict[str, jax.Array]
 ENCODERS = ("t5", "clip")
@@ -35,6 +42,9 @@ class TextEncoders:
     clip_tokenizer: Any
     t5_max_length: int
     clip_max_length: int
+    # sha256 of each encoder's weights: recorded with checkpoints so that a workdir is sampled with
+    # the very encoders it was trained with, whatever its config's paths point at today.
+    fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
     # (encoder, prompt) pairs already reported as truncated: a training loop tokenizes the
     # same long caption every epoch, and one warning per caption is enough.
     _warned: set = dataclasses.field(default_factory=set, repr=False, compare=False)
@@ -79,19 +89,41 @@ def load_text_encoders(text_config: Mapping[str, Any], dtype: Any = jnp.float32)
 
     Paths are Hugging Face model directories or `builtin:NAME` for the shipped defaults.
     """
-    t5_dir = resolve_text_path(text_config["t5_path"])
-    clip_dir = resolve_text_path(text_config["clip_path"])
+    # Resolved once (builtin name, local directory or hub snapshot); everything below reads the directory.
+    t5_dir = checkpoint_dir(text_config["t5_path"])
+    clip_dir = checkpoint_dir(text_config["clip_path"])
     t5_module, t5_params = load_t5_encoder(t5_dir, dtype=dtype)
     clip_module, clip_params = load_clip_text_encoder(clip_dir, dtype=dtype)
+    t5_tokenizer, clip_tokenizer = load_tokenizer(t5_dir), load_tokenizer(clip_dir)
+    for name, path, tokenizer, module in (
+        ("t5", text_config["t5_path"], t5_tokenizer, t5_module),
+        ("clip", text_config["clip_path"], clip_tokenizer, clip_module),
+    ):
+        check_tokenizer_fits(name, path, tokenizer, module.config.vocab_size)
     return TextEncoders(
         t5_module=t5_module,
         clip_module=clip_module,
         params={"t5": t5_params, "clip": clip_params},
-        t5_tokenizer=load_tokenizer(t5_dir),
-        clip_tokenizer=load_tokenizer(clip_dir),
+        t5_tokenizer=t5_tokenizer,
+        clip_tokenizer=clip_tokenizer,
         t5_max_length=int(text_config["t5_max_length"]),
         clip_max_length=int(text_config["clip_max_length"]),
+        fingerprints={
+            "t5": weights_fingerprint(t5_dir),
+            "clip": weights_fingerprint(clip_dir),
+        },
     )
+
+
+def check_tokenizer_fits(name: str, path: Any, tokenizer: Any, vocab_size: int) -> None:
+    """A tokenizer that can emit ids past the embedding table would index out of range silently
+    (XLA clamps gathers), so a mismatched pair is refused before anything runs."""
+    if len(tokenizer) > vocab_size:
+        raise CheckpointError(
+            f"the {name} encoder at {str(path)!r} has a tokenizer of {len(tokenizer)} tokens but an embedding "
+            f"table of vocab_size={vocab_size}: they belong to different models. Put the tokenizer saved "
+            "with these weights in the directory."
+        )
 
 
 def _drop(cond: Cond, name: str, keep: jax.Array) -> Cond:

@@ -35,6 +35,9 @@ T5_MODEL_TYPES = ("t5", "mt5", "umt5")
 CLIP_MODEL_TYPES = ("clip_text_model", "clip")
 _BUILTIN_PREFIX = "builtin:"
 _BUILTIN_ROOT = pathlib.Path(__file__).resolve().parent.parent / "assets" / "text"
+REBUILD_COMMAND = "python -m ediff_jax.text.build_default_assets"
+# Written by the rebuild command beside each trained builtin: settings, metrics and the weights' sha256.
+PRETRAINING_REPORT = "pretraining.json"
 # Dtypes NumPy cannot name for safetensors; read as raw bytes and view through ml_dtypes.
 _RAW_DTYPES = {
     "BF16": ml_dtypes.bfloat16,
@@ -61,6 +64,15 @@ def resolve_text_path(path_or_builtin: str | os.PathLike[str]) -> pathlib.Path:
     return pathlib.Path(text).expanduser()
 
 
+def checkpoint_dir(path: str | os.PathLike[str]) -> pathlib.Path:
+    """The local directory behind ``builtin:NAME``, a path or a hub id (resolve once, then load from it)."""
+    return _checkpoint_dir(path)
+
+
+def _is_builtin_dir(directory: pathlib.Path) -> bool:
+    return directory.resolve().parent == _BUILTIN_ROOT
+
+
 def _checkpoint_dir(path: str | os.PathLike[str]) -> pathlib.Path:
     """A builtin asset, an existing local directory, or a hub id's cached snapshot."""
     if not os.fspath(path).startswith(_BUILTIN_PREFIX):
@@ -70,14 +82,57 @@ def _checkpoint_dir(path: str | os.PathLike[str]) -> pathlib.Path:
         builtins = sorted(p.name for p in _BUILTIN_ROOT.glob("*") if p.is_dir())
         raise CheckpointNotFoundError(
             f"builtin text asset {str(directory)!r} does not exist; the shipped ones are "
-            f"{['builtin:' + b for b in builtins]}"
+            f"{['builtin:' + b for b in builtins]} (rebuild the trained ones with `{REBUILD_COMMAND}`)"
         )
     return directory
+
+
+def _damaged(directory: pathlib.Path, file: pathlib.Path, problem: str) -> CheckpointError:
+    """The error for an unreadable weights/config file; builtins name the command that rebuilds them."""
+    fix = (
+        f"rebuild the shipped encoders with `{REBUILD_COMMAND}` (or reinstall the package)"
+        if _is_builtin_dir(directory)
+        else "re-save or re-download that checkpoint"
+    )
+    return CheckpointError(f"{str(file)!r} {problem}; {fix}")
+
+
+def _check_recorded_fingerprint(directory: pathlib.Path) -> None:
+    """A trained builtin records its weights' sha256: a changed byte means a damaged install."""
+    report = directory / PRETRAINING_REPORT
+    if not report.is_file():
+        return
+    try:
+        expected = json.loads(report.read_text())["weights_sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise _damaged(directory, report, "is not a valid pretraining report (no weights_sha256)") from None
+    actual = weights_fingerprint(directory)
+    if actual != expected:
+        raise _damaged(directory, directory / "model.safetensors",
+                       f"does not match the sha256 recorded in {PRETRAINING_REPORT} (damaged or partly written)")
+
+
+def weights_fingerprint(directory: str | os.PathLike[str]) -> str:
+    """sha256 over the weights file(s): what a trained model records about its encoders."""
+    import hashlib
+
+    directory = pathlib.Path(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{str(directory)!r} has no .safetensors weights to fingerprint")
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     config_file = directory / "config.json"
     if not config_file.is_file():
+        if _is_builtin_dir(directory):
+            raise _damaged(directory, config_file, "is missing")
         raise CheckpointError(
             f"{str(directory)!r} has no config.json. Save the model with transformers' "
             "`model.save_pretrained(dir)` (it writes config.json next to the weights)."
@@ -85,7 +140,7 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{str(config_file)!r} is not valid JSON ({err}); re-save the config") from err
+        raise _damaged(directory, config_file, f"is not valid JSON ({err})") from err
     if not isinstance(config, dict):
         raise CheckpointError(f"{str(config_file)!r} must hold a JSON object")
     return config
@@ -116,7 +171,12 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
         )
     from transformers import AutoTokenizer  # heavy import, only needed here
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as err:  # tokenizers/transformers raise many types for a damaged file
+        if _is_builtin_dir(directory):
+            raise _damaged(directory, directory / "tokenizer.json", f"could not be loaded ({err})") from err
+        raise CheckpointError(f"could not load the tokenizer in {str(directory)!r}: {err}") from err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,6 +202,8 @@ def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
         return files
     if single.is_file():
         return [single]
+    if _is_builtin_dir(directory):
+        raise _damaged(directory, single, "is missing")
     pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
     hint = (
         f" Found {pickled[:3]}, which we never load (unpickling is unsafe): convert with "
@@ -285,8 +347,23 @@ def _expected_tree(module: Any, length: int) -> dict[ParamPath, jax.ShapeDtypeSt
 @contextlib.contextmanager
 def _open_checkpoint(directory: pathlib.Path) -> Iterator[_SafetensorsReader]:
     files = _weight_files(directory)
+    if _is_builtin_dir(directory):
+        _check_recorded_fingerprint(directory)
     with contextlib.ExitStack() as stack:
-        yield _SafetensorsReader(files, stack)
+        try:
+            reader = _SafetensorsReader(files, stack)
+        except Exception as err:  # safetensors raises its own error types for truncated or invalid headers
+            bad = next((f for f in files if not _readable_safetensors(f)), files[0])
+            raise _damaged(directory, bad, f"is not a readable safetensors file ({err})") from err
+        yield reader
+
+
+def _readable_safetensors(file: pathlib.Path) -> bool:
+    try:
+        with safe_open(str(file), framework="np"):
+            return True
+    except Exception:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
