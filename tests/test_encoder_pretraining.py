@@ -295,3 +295,23 @@ def test_the_older_random_encoders_are_kept_byte_for_byte():
         "695caa4eecc35c1f12aa9c172920ca8dd3e4b6097e0fbf6877870a978ade686f")
     assert loading.weights_fingerprint(loading.resolve_text_path("builtin:clip_shapes")) == (
         "abbb606bd4bb8ff653880696d6a4cb628e1618e39835d5ceb2676cb4e4cff815")
+
+
+def test_weights_fingerprint_is_exact_for_small_files_and_sampled_for_large_ones(tmp_path, monkeypatch):
+    """Small weights: the plain sha256 of the bytes. Large ones (a monkeypatched threshold stands in
+    for T5-XXL's shards): a change in the sampled data or the header changes the fingerprint."""
+    import hashlib
+
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.arange(4096, dtype=np.float32)}, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    assert loading.weights_fingerprint(tmp_path) == hashlib.sha256(data).hexdigest()
+    monkeypatch.setattr(loading, "FULL_HASH_MAX_BYTES", 1024)
+    monkeypatch.setattr(loading, "_SAMPLE_BYTES", 64)
+    sampled = loading.weights_fingerprint(tmp_path)
+    assert sampled != hashlib.sha256(data).hexdigest()
+    changed = bytearray(data)
+    changed[-10] ^= 0xFF  # inside the last sample
+    (tmp_path / "model.safetensors").write_bytes(bytes(changed))
+    assert loading.weights_fingerprint(tmp_path) != sampled
