@@ -303,6 +303,7 @@ def build_t5(out_dir: pathlib.Path, corpus: Sequence[str], settings: BuildSettin
 
 def build_clip(out_dir: pathlib.Path, corpus: Sequence[str], settings: BuildSettings,
                train: list[str], held_out: list[str]) -> dict[str, Any]:
+    import jax
     from transformers import CLIPTokenizerFast
 
     from ediff_jax.text.pretrain.clip_contrastive import ContrastiveSettings, retrieval_accuracy, train_clip
@@ -322,7 +323,7 @@ def build_clip(out_dir: pathlib.Path, corpus: Sequence[str], settings: BuildSett
     model, params, history = train_clip(config, tokenizer, contrastive)
     retrieval = retrieval_accuracy(model, params, tokenizer, contrastive, num_scenes=settings.retrieval_scenes,
                                    seed=HELD_OUT_SEED)
-    random_params = model.init(_key(SEED), contrastive.text_length, contrastive.init_temperature)
+    random_params = model.init(jax.random.PRNGKey(SEED), contrastive.text_length, contrastive.init_temperature)
     probes = _binding_probes(_HiddenStates(model.text), params["text"], random_params["text"], tokenizer,
                              train + held_out)
     export_clip_text_encoder(out_dir, config, params["text"], vocab[BOS], vocab[EOS])
@@ -335,12 +336,6 @@ def build_clip(out_dir: pathlib.Path, corpus: Sequence[str], settings: BuildSett
         "held_out_retrieval": retrieval,
         "binding_probe": probes,
     }
-
-
-def _key(seed: int) -> Any:
-    import jax
-
-    return jax.random.PRNGKey(seed)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

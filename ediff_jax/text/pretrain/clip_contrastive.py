@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ediff_jax.data.shapes import caption_scene
 from ediff_jax.eval.clip_vision import CLIPVisionEncoder, CLIPVisionEncoderConfig
 from ediff_jax.text.clip import CLIPTextEncoder, CLIPTextEncoderConfig
 from ediff_jax.text.pretrain import captions as caps
@@ -214,8 +215,6 @@ def retrieval_accuracy(
     """
     rng = np.random.default_rng(seed)
     scene_set = caps.make_scene_set(num_scenes, settings.image_size, seed=seed)
-    from ediff_jax.data.shapes import caption_scene
-
     captions = [caption_scene(s, rng) for s in scene_set.scenes]
     negatives = [caps.hard_negatives(s, c, rng) for s, c in zip(scene_set.scenes, captions)]
     tokenize = BatchMaker(tokenizer, settings).tokenize
