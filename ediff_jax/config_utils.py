@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0
     c.model.dtype = "float32"
     c.model.remat = False
+    # Append each pixel's (y, x) to the UNet input (CoordConv): lets region words and
+    # relations find their place on the canvas. Not with sr.crop_size (crops != whole images).
+    c.model.coord_input = False
 
     # Super-resolution stage (eDiff-I's 64->256 and 256->1024 models). lowres_size > 0 makes
     # this config an SR stage: the model sees the image downsampled to lowres_size (then

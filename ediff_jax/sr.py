@@ -49,6 +49,9 @@ def check_sr_config(config: Any) -> None:
     size, low, crop = int(config.data.image_size), int(config.sr.lowres_size), int(config.sr.crop_size)
     if low < 0 or crop < 0:
         raise ValueError(f"config.sr.lowres_size={low} and config.sr.crop_size={crop} must be >= 0.")
+    if crop and config.model.get("coord_input", False):
+        raise ValueError(f"config.model.coord_input=True with config.sr.crop_size={crop}: the stage would learn "
+                         "coordinates of crops and sample whole images with other ones; set one of them off.")
     if not low:
         if crop:
             raise ValueError(f"config.sr.crop_size={crop} is set but config.sr.lowres_size=0 (a base model); crops "

@@ -7,6 +7,7 @@ is importable from a notebook.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ediff_jax import edm, experts, logs, parallel, resume_policy, sharding, sr
 from ediff_jax.checkpoints import CheckpointMismatchError, Checkpointer, abstract_with_shardings
-from ediff_jax.config_utils import validate_config
+from ediff_jax.config_utils import config_from_json, validate_config
 from ediff_jax.images import ensure_writable_dir, make_grid, save_png
 from ediff_jax.metrics import MetricWriter
 from ediff_jax.models import build_model, check_image_size
@@ -66,13 +67,22 @@ def make_optimizer(train_config: Mapping[str, Any]) -> tuple[optax.GradientTrans
 
 # Model keys that do not change the parameters: a checkpoint fits either way.
 FREE_MODEL_KEYS = ("remat", "dtype")
+# Model keys added after checkpoints existed, with the value that the code before them
+# behaved as. At that value a key is left out of the model's metadata, so checkpoints
+# written before it keep loading and resuming; any other value is recorded and compared.
+ADDED_MODEL_KEYS = {"coord_input": False}
+
+
+def _compared_model_keys(model: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in model.items()
+            if k not in FREE_MODEL_KEYS and not (k in ADDED_MODEL_KEYS and v == ADDED_MODEL_KEYS[k])}
 
 
 def model_meta(config: ml_collections.ConfigDict) -> dict:
     """What a checkpoint belongs to; compared on resume and when sampling."""
     out = {
         "stage": "sr" if sr.is_sr(config) else "base",
-        "model": {k: v for k, v in config.model.to_dict().items() if k not in FREE_MODEL_KEYS},
+        "model": _compared_model_keys(config.model.to_dict()),
         "image_size": int(config.data.image_size),
         "experts": {"phases": [[list(iv) for iv in phase] for phase in config.experts.phases]},
     }
@@ -489,7 +499,7 @@ def checked_abstract_state(exp: Experiment, ckpt: Checkpointer, saved: Mapping[s
     Training and sampling both restore through here."""
     check_checkpoint_kind(saved, exp)
     check_text_encoders(saved, exp)
-    saved = {**saved, "model": {k: v for k, v in saved.get("model", {}).items() if k not in FREE_MODEL_KEYS}}
+    saved = {**saved, "model": _compared_model_keys(saved.get("model", {}))}
     ckpt.check_compatible(model_meta(exp.config), saved)
     phase = int(saved.get("progress", {}).get("phase", 0))
     abstract, shardings = state_shardings(exp, phase)
@@ -499,13 +509,14 @@ def checked_abstract_state(exp: Experiment, ckpt: Checkpointer, saved: Mapping[s
 def saved_config(saved: Mapping[str, Any], workdir: epath.Path) -> dict | None:
     """The config a checkpoint was written with: its own record, else (checkpoints from
     before that record) the workdir's config.json, which the last run wrote."""
+    # Either record is laid over today's defaults: keys added to the code since take the
+    # value the old code behaved as, and are not reported as changed.
     progress = saved.get("progress", {})
     if "config" in progress:
-        return {**resume_policy.flatten(progress["config"]), "process_count": progress.get("process_count", 1)}
+        config = config_from_json(json.dumps(progress["config"]), "the checkpoint's config record")
+        return {**resume_policy.flatten(config.to_dict()), "process_count": progress.get("process_count", 1)}
     path = workdir / "config.json"
     if path.exists():
-        from ediff_jax.config_utils import config_from_json
-
         return {**resume_policy.flatten(config_from_json(path.read_text()).to_dict()), "process_count": None}
     return None
 

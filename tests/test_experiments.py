@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import pww_figure, shapes_benchmark
+from experiments import layout_probe, pww_figure, shapes_benchmark
 from experiments.ablations import common, encoders, experts, guidance, pww_weight, stride
 
 
@@ -185,9 +185,28 @@ def test_shapes_benchmark_smoke(smoke_workdir, tmp_path):
     rows = shapes_benchmark.main(["--workdir", str(smoke_workdir), "--out", str(tmp_path), "--smoke"])
     table = check_outputs(tmp_path, rows, "step", [common.SMOKE_TRAIN_STEPS], ["curve.png", "samples.png"])
     assert int(table[0]["num_one_object"]) == 18 and int(table[0]["num_two_object"]) == 8
-    for key in shapes_benchmark.GOALS:
+    assert int(table[0]["num_region"]) == 9
+    for key in (*shapes_benchmark.GOALS, "region_accuracy"):
         assert_accuracy(rows[0][key])
-    assert "| red |" in (tmp_path / "breakdown.md").read_text()
+    breakdown = (tmp_path / "breakdown.md").read_text()
+    assert "| red |" in breakdown and "| top left |" in breakdown
+    # --config trains a new workdir; given with a trained one it would be ignored, so it is refused
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        shapes_benchmark.main(["--workdir", str(smoke_workdir), "--out", str(tmp_path / "again"), "--smoke",
+                               "--config", str(shapes_benchmark.CONFIG)])
+    with pytest.raises(SystemExit, match=r"--step 999: .* keeps checkpoints \[3\]"):
+        shapes_benchmark.main(["--workdir", str(smoke_workdir), "--out", str(tmp_path / "again"), "--smoke",
+                               "--step", "999"])
+
+
+def test_shapes_benchmark_refuses_flags_it_would_ignore(tmp_path):
+    """--config with the fixed smoke model, or a config argument it does not know: one-line errors, nothing trained."""
+    with pytest.raises(SystemExit, match="Drop one of them"):
+        shapes_benchmark.main(["--out", str(tmp_path), "--smoke", "--config", str(shapes_benchmark.CONFIG)])
+    with pytest.raises(SystemExit, match="unknown key 'xatn32'.*did you mean 'xattn32'"):
+        shapes_benchmark.main(["--out", str(tmp_path), "--workdir", str(tmp_path / "fresh"),
+                               "--config", f"{shapes_benchmark.CONFIG}:xatn32=true"])
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_wilson_interval_matches_closed_forms():
@@ -212,6 +231,10 @@ def test_benchmark_prompts_cover_every_object_and_parse():
         parsed = parse_prompt(prompt)
         assert parsed.relation is not None and len(parsed.objects) == 2
         assert parsed.objects[0].color != parsed.objects[1].color
+    regions = [parse_prompt(p).region for p in shapes_benchmark.region_prompts(27)]
+    from ediff_jax.data.shapes import REGIONS
+
+    assert sorted(regions) == sorted(REGIONS * 3)
 
 
 @pytest.mark.slow
@@ -221,3 +244,38 @@ def test_pww_figure_smoke(smoke_workdir, tmp_path):
     assert (tmp_path / "pww.png").exists() and grid.shape[0] > grid.shape[1] / 3 > 0
     painted = pww_figure.painting(32)
     assert (painted == (220, 40, 40)).all(-1)[:16, 16:].any() and (painted == (40, 80, 220)).all(-1)[16:, :16].any()
+
+
+def test_layout_probe_slope_reads_placement_from_pixels():
+    """Discs of the prompt's colour drawn at each region's centre give slope 1 (and their exact
+    centres); the same disc everywhere gives 0; discs at the mirrored regions give -1."""
+    from ediff_jax.data.shapes import BACKGROUND
+
+    prompts, colours, targets = layout_probe.probe_prompts(2)
+    assert len(prompts) == 18 and targets.shape == (18, 2)
+    size = 36
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+
+    def draw(centres):
+        images = np.tile(np.asarray(BACKGROUND, np.float32) / 127.5 - 1.0, (len(centres), size, size, 1))
+        for image, (cy, cx), colour in zip(images, centres, colours):
+            image[(ys - cy * size) ** 2 + (xs - cx * size) ** 2 <= 16] = colour
+        return images
+
+    centres, mass = layout_probe.colour_centres(draw(targets), colours)
+    np.testing.assert_allclose(centres, targets, atol=1e-6)
+    assert mass.min() > 40  # a radius-4 disc: about 50 pixels
+    assert layout_probe.slope(centres, targets) == pytest.approx(1.0)
+    still, _ = layout_probe.colour_centres(draw(np.full_like(targets, 0.5)), colours)
+    assert layout_probe.slope(still, targets) == pytest.approx(0.0, abs=1e-6)
+    mirrored, _ = layout_probe.colour_centres(draw(1.0 - targets), colours)
+    assert layout_probe.slope(mirrored, targets) == pytest.approx(-1.0)
+
+
+@pytest.mark.slow
+def test_layout_probe_smoke(smoke_workdir, tmp_path):
+    """The probe on a trained workdir: one finite row per sigma."""
+    rows = layout_probe.main(["--workdir", str(smoke_workdir), "--out", str(tmp_path), "--smoke"])
+    assert [r["sigma"] for r in rows] == [10.0, 1.0]
+    assert all(math.isfinite(r["placement_slope"]) and r["num_prompts"] == 9 for r in rows)
+    assert (tmp_path / "results.md").exists()

@@ -203,6 +203,32 @@ def test_a_model_samples_only_with_the_encoders_it_was_trained_with(shapes_data_
         trainer.train_and_evaluate(c, workdir)
 
 
+def test_a_checkpoint_from_before_a_model_key_samples_and_resumes(shapes_data_dir, trained, tmp_path):
+    """A model key added to the code (model.coord_input) is absent from older checkpoints' metadata
+    and config: they must still sample and resume, since the key's default is what the old code did.
+    Set to anything else, it is compared: such a checkpoint does not load as the plain model."""
+    from ediff_jax.checkpoints import CheckpointMismatchError
+    from ediff_jax.sampling import load_workdir
+
+    workdir = copy_of(trained, tmp_path)
+    for meta_file in (workdir / "checkpoints").glob("*/meta/metadata"):
+        meta = json.loads(meta_file.read_text())
+        meta["model"].pop("coord_input", None)
+        meta["progress"]["config"]["model"].pop("coord_input")
+        meta_file.write_text(json.dumps(meta))
+    config = json.loads((workdir / "config.json").read_text())
+    config["model"].pop("coord_input")
+    (workdir / "config.json").write_text(json.dumps(config))
+    load_workdir(workdir)
+    trainer.train_and_evaluate(tiny(shapes_data_dir, extra_ema_decays=(0.2,), num_steps=6), workdir)
+    assert Checkpointer(workdir, read_only=True).all_steps()[-1] == 6
+    assert "coord_input" not in trainer.model_meta(tiny(shapes_data_dir))["model"]
+    c = tiny(shapes_data_dir, extra_ema_decays=(0.2,), num_steps=8)
+    c.model.coord_input = True
+    with pytest.raises(CheckpointMismatchError, match="model.coord_input: checkpoint has None, config has True"):
+        trainer.train_and_evaluate(c, workdir)
+
+
 def inject(monkeypatch, method: str, step: int, message: str) -> None:
     """Makes Checkpointer.<method> raise like orbax does (a plain Exception wrapping a
     TensorStore ValueError) when it reads `step`."""

@@ -156,3 +156,44 @@ def test_attention_matches_reference():
         w = np.exp(s - s.max(-1, keepdims=True))
         w /= w.sum(-1, keepdims=True)
         np.testing.assert_allclose(out[0, :, h], w @ v[0, :, h], rtol=1e-5, atol=1e-6)
+
+
+def test_coordinate_channels_closed_form():
+    """Pixel centres in (-1, 1): y grows downwards, x rightwards, symmetric about the centre."""
+    from ediff_jax.models.layers import coordinate_channels
+
+    grid = np.asarray(coordinate_channels(2, 4, 2))
+    assert grid.shape == (2, 4, 2, 2)
+    np.testing.assert_allclose(grid[0, :, 0, 0], [-0.75, -0.25, 0.25, 0.75])  # y by row
+    np.testing.assert_allclose(grid[0, 0, :, 1], [-0.5, 0.5])  # x by column
+    np.testing.assert_array_equal(grid[0, :, 1, 0], grid[0, :, 0, 0])  # y constant along a row
+    np.testing.assert_array_equal(grid[1], grid[0])
+
+
+def test_coord_input_feeds_the_coordinates_to_conv_in(setup):
+    """coord_input adds two input channels to conv_in and nothing else: with their kernel slice
+    zeroed the network equals the plain one with the other weights; with it set, the output changes."""
+    model, params, x, c_noise, cond, apply, _ = setup
+    coord_model = build_model({**TINY, "coord_input": True})
+    fresh = jax.jit(coord_model.init)(jax.random.key(0), x, c_noise, cond)["params"]
+    assert fresh["conv_in"]["kernel"].shape[2] == 3 + 2
+    assert jax.tree.structure(fresh) == jax.tree.structure(params)
+    kernel = jnp.concatenate([params["conv_in"]["kernel"], jnp.zeros_like(params["conv_in"]["kernel"][:, :, :2])], 2)
+    with_coords = {**params, "conv_in": {**params["conv_in"], "kernel": kernel}}
+    coord_apply = jax.jit(lambda p: coord_model.apply({"params": p}, x, c_noise, cond))
+    np.testing.assert_allclose(coord_apply(with_coords), apply(params, x, c_noise, cond), atol=1e-5)
+    used = {**params, "conv_in": {**params["conv_in"], "kernel": kernel.at[:, :, 3:].set(0.3)}}
+    assert float(jnp.abs(coord_apply(used) - apply(params, x, c_noise, cond)).max()) > 1e-3
+
+
+def test_coord_input_refused_for_stages_trained_on_crops():
+    """Crop coordinates differ from whole-image ones at sampling: the config is refused, naming both keys."""
+    from ediff_jax.config_utils import base_config
+    from ediff_jax.sr import check_sr_config
+
+    c = base_config()
+    c.data.image_size, c.sr.lowres_size, c.sr.crop_size, c.model.coord_input = 256, 64, 128, True
+    with pytest.raises(ValueError, match="coord_input=True with config.sr.crop_size=128"):
+        check_sr_config(c)
+    c.model.coord_input = False
+    check_sr_config(c)

@@ -41,6 +41,19 @@ def fourier_embedding(x: jax.Array, dim: int, min_freq: float = 0.5, max_freq: f
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
+def coordinate_channels(batch: int, height: int, width: int, dtype: Any = jnp.float32) -> jax.Array:
+    """[B, H, W, 2]: each pixel centre's (y, x) in (-1, 1), top left negative (CoordConv).
+
+    Convolutions are translation-equivariant, so a UNet only learns where it is from the
+    zero padding at the borders, weakly and slowly; region words ("in the top left") and
+    relations ("to the left of") need to know where on the canvas a pixel lies.
+    """
+    ys = (2.0 * (jnp.arange(height, dtype=jnp.float32) + 0.5) / height - 1.0).astype(dtype)
+    xs = (2.0 * (jnp.arange(width, dtype=jnp.float32) + 0.5) / width - 1.0).astype(dtype)
+    grid = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1)
+    return jnp.broadcast_to(grid[None], (batch, height, width, 2))
+
+
 BiasFn = Callable[[jax.Array], jax.Array]
 
 

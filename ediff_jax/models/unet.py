@@ -8,6 +8,8 @@ Conditioning, as in eDiff-I:
   both encoders dropped (classifier-free guidance) still has a valid attention target;
 - for super-resolution: a low-resolution image upsampled and concatenated to the input,
   plus an embedding of its noise-augmentation level;
+- optionally (`coord_input`) each pixel's (y, x) as two more input channels, so that
+  region words and relations can be tied to places on the canvas;
 - paint-with-words (optional cond keys `pww_mask` [B, H, W, L] and `pww_weight` [B], see
   `ediff_jax.paint_with_words`): every cross-attention layer adds
   w' log(1 + sigma) max(QK^T) A to its logits, A being the mask pooled to that layer's
@@ -34,6 +36,7 @@ from ediff_jax.models.layers import (
     ResBlock,
     SelfAttentionBlock,
     Upsample,
+    coordinate_channels,
     fourier_embedding,
     group_norm,
     zeros_init,
@@ -74,6 +77,9 @@ class UNet(nn.Module):
         samplers and the loss add bicubic(lowres) back (`sr.residual_denoiser`); the
         network itself is unchanged, the flag says how its output is read.
       pww_mode: paint-with-words statistic of QK^T scaling the bias, "max" (eDiff-I) or "std".
+      coord_input: append each pixel's (y, x) in (-1, 1) to the input (`coordinate_channels`).
+        The coordinates span whatever the network is given: a MultiDiffusion crop is its own
+        canvas. Not for stages trained on crops and run on whole images (refused in config).
     """
 
     out_channels: int = 3
@@ -94,6 +100,7 @@ class UNet(nn.Module):
     lowres_cond: bool = False
     lowres_residual: bool = False
     pww_mode: str = "max"
+    coord_input: bool = False
 
     def _blocks_per_level(self) -> list[int]:
         if isinstance(self.num_res_blocks, int):
@@ -198,6 +205,9 @@ class UNet(nn.Module):
             emb = emb + nn.Dense(emb_dim, dtype=dtype, name="aug_mlp_1")(nn.silu(aug))
         elif lowres is not None:
             raise ValueError("`lowres` was given to a base (non-SR) UNet; set lowres_cond=True for SR stages.")
+
+        if self.coord_input:
+            x = jnp.concatenate([x, coordinate_channels(batch, height, width, x.dtype)], axis=-1)
 
         context, context_mask = self._context(cond, batch)
         pww = self._paint_with_words(cond, c_noise, context_mask)

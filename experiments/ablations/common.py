@@ -185,30 +185,33 @@ class Model:
     def train_samples(self) -> int:
         return int(self.config.train.num_steps) * int(self.config.train.batch_size)
 
-    def sampler(self, steps: int | None = None) -> Any:
-        """A `Sampler` with the workdir's settings (`steps` overrides the config's)."""
+    def sampler(self, steps: int | None = None, name: str | None = None) -> Any:
+        """A `Sampler` with the workdir's settings (`steps` and the sampler's `name` override the config's)."""
         from ediff_jax.sampling import Sampler
 
         return Sampler(self.exp.model, self.exp.encoders, image_size=self.image_size,
-                       steps=steps or self.sampler_steps, sampler=self.sampler_name, sigma_data=self.sigma_data,
-                       boundaries=self.boundaries)
+                       steps=steps or self.sampler_steps, sampler=name or self.sampler_name,
+                       sigma_data=self.sigma_data, boundaries=self.boundaries)
 
 
-def load_model(workdir: str | Path) -> Model:
-    """The EMA parameters of a base-model workdir (an SR stage is refused: it needs low-res inputs)."""
+def load_model(workdir: str | Path, ema_decay: float | None = None) -> Model:
+    """The EMA parameters of a base-model workdir (an SR stage is refused: it needs low-res inputs).
+
+    `ema_decay` picks one of the EMAs the run kept (default: config.train.ema_decay).
+    """
     from ediff_jax.sampling import check_base_workdir, load_workdir
 
     workdir = Path(workdir).expanduser()
     check_base_workdir(workdir)
-    config, exp, params = load_workdir(workdir)
+    config, exp, params = load_workdir(workdir, ema_decay=ema_decay)
     return Model(workdir, config, exp, params)
 
 
-def load_model_params(workdir: str | Path, step: int) -> Any:
+def load_model_params(workdir: str | Path, step: int, ema_decay: float | None = None) -> Any:
     """The EMA parameters of checkpoint `step` of a workdir (learning curves)."""
     from ediff_jax.sampling import load_workdir
 
-    return load_workdir(Path(workdir).expanduser(), step=step)[2]
+    return load_workdir(Path(workdir).expanduser(), ema_decay=ema_decay, step=step)[2]
 
 
 # ---------------------------------------------------------------------------------------
