@@ -6,17 +6,17 @@ trains this config (or reuses a finished run) and scores samples of one-object p
 (colour and shape) and two-object prompts with a relation (everything correct), read back
 from pixels by `ediff_jax.eval`. Goal: >= 95% and >= 85%. What it reaches is in BENCHMARKS.md.
 
-Why this shape: at 60 CPU minutes the budget buys samples, not parameters. The quickstart
-UNet (1.3M parameters) with cross-attention added at 16x16 costs 0.48 s per batch-16 step
-on the idle 2-core VM, about 7000 steps (112k samples, 6x the quickstart's) in the budget;
-a 3M-parameter variant (width 48, self-attention at 16x16) measured 1.11 s per step, 8x
-fewer samples for 2.3x the parameters. Text embeddings are cached (the frozen encoders are
-not rerun every step). `train.max_minutes` time-boxes the run whatever the machine's speed.
+Why this shape: at 60 CPU minutes the budget buys samples, not parameters, so the UNet is the
+quickstart's (1.3M parameters) with cross-attention added at 16x16; text embeddings are cached
+(the frozen encoders are not rerun every step); `train.max_minutes` time-boxes the run whatever
+the machine's speed, so `steps` is a ceiling. Issue #15 added pixel coordinates as input and a
+training p(sigma) of lognormal(0, 1.6): EDM's lognormal(-1.2, 1.2) hardly trains the noise
+levels where the text must choose the layout (BENCHMARKS.md, "Text alignment").
 
 Variants: `steps=N`, `batch=B`, `minutes=M` (0: no time box), and the rows of the alignment
 table (issue #15, BENCHMARKS.md): `xattn32=true` (cross-attention at 32x32 too),
-`coord=true` (pixel coordinates as input channels), `channels=C` (UNet width), `p_mean=P`
-and `p_std=S` (the training distribution of log sigma).
+`coord=false` (no pixel coordinates as input), `channels=C` (UNet width), `p_mean=P` and
+`p_std=S` (the training distribution of log sigma).
 """
 
 from pathlib import Path
