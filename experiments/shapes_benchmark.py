@@ -212,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     clock = common.Clock()
     workdir = _trained_workdir(args, out)
     steps = kept_steps(workdir)
+    newest = steps[-1]  # the checkpoint load_model reads
     if args.step is not None:
         if args.step not in steps:
             raise SystemExit(f"--step {args.step}: {workdir} keeps checkpoints {steps}; pick one of them.")
@@ -229,8 +230,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         prompts_one = one_object_prompts(max(1, round(args.num_per_prompt * share)))
         prompts_two = relation_prompts(max(1, round(args.num_relation * share)), seed=args.seed)
         prompts_region = region_prompts(round(args.num_region * share), seed=args.seed)
-        newest = args.step is None or args.step == kept_steps(workdir)[-1]
-        params = (model.params if last and newest
+        params = (model.params if step == newest
                   else common.load_model_params(workdir, step, ema_decay=args.ema_decay))
         sample_clock = common.Clock()
         draw = lambda chunk, **kw: sampler(params, chunk, guidance=guidance, **kw)  # noqa: E731
