@@ -41,6 +41,13 @@ LAYOUTS: dict[str, tuple[Box, Box]] = {
     "bottom/top": ((0.5, 0.0, 1.0, 1.0), (0.0, 0.0, 0.5, 1.0)),
     "topleft/bottomright": ((0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)),
     "bottomleft/topright": ((0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0)),
+    # Issue #15: the other quadrant pairs, so every quadrant is asked for beside every other.
+    "topright/bottomleft": ((0.0, 0.5, 0.5, 1.0), (0.5, 0.0, 1.0, 0.5)),
+    "bottomright/topleft": ((0.5, 0.5, 1.0, 1.0), (0.0, 0.0, 0.5, 0.5)),
+    "topleft/topright": ((0.0, 0.0, 0.5, 0.5), (0.0, 0.5, 0.5, 1.0)),
+    "bottomright/bottomleft": ((0.5, 0.5, 1.0, 1.0), (0.5, 0.0, 1.0, 0.5)),
+    "topleft/bottomleft": ((0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5)),
+    "bottomright/topright": ((0.5, 0.5, 1.0, 1.0), (0.0, 0.5, 0.5, 1.0)),
 }
 # Colour pairs far apart in RGB (yellow/orange and red/orange are the close ones).
 OBJECT_PAIRS: tuple[tuple[str, str], ...] = (

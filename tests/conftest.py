@@ -23,11 +23,20 @@ def shapes_data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """Identical programs (the same tiny step in several tests) compile once per session."""
+    """Identical programs (the same tiny step in several tests) compile once per session.
+
+    Under pytest-xdist (`-n 2` in CI) the workers share one cache in the run's common temp
+    folder. A size cap turns on JAX's file lock around cache reads and writes, so one worker
+    never reads an entry the other is still writing.
+    """
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla_cache"
+    cache.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_compilation_cache_max_size", 8 << 30)
     yield
 
 
