@@ -104,12 +104,24 @@ def read_stages(base_workdir: str | Path, sr_workdirs: Sequence[str | Path]) -> 
     return stages
 
 
-def load_stages(stages: Sequence[Stage]) -> None:
-    """Loads each stage's experiment and EMA parameters (in place)."""
-    from ediff_jax.sampling import load_workdir
+def check_ema_decay(stages: Sequence[Stage], ema_decay: float | None) -> None:
+    """Every stage keeps an EMA of `ema_decay` (None: each its default); checked before any checkpoint is read."""
+    from ediff_jax.sampling import ema_field
 
     for stage in stages:
-        _, stage.exp, stage.params = load_workdir(stage.workdir)
+        try:
+            ema_field(stage.config, ema_decay)
+        except ValueError as e:
+            raise ValueError(f"{stage.workdir}: {e}") from None
+
+
+def load_stages(stages: Sequence[Stage], ema_decay: float | None = None) -> None:
+    """Loads each stage's experiment and EMA parameters (in place); `ema_decay` picks every stage's EMA."""
+    from ediff_jax.sampling import load_workdir
+
+    check_ema_decay(stages, ema_decay)
+    for stage in stages:
+        _, stage.exp, stage.params = load_workdir(stage.workdir, ema_decay=ema_decay)
 
 
 def _settings(stage: Stage, given: StageSettings, index: int, base_seed: int) -> StageSettings:
@@ -136,12 +148,15 @@ def run_cascade(
     chunk_size: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    use_t5: bool = True,
+    use_clip: bool = True,
 ) -> list[np.ndarray]:
     """Samples every stage in turn; returns each stage's uint8 images [N, H_k, W_k, 3].
 
     `height`/`width` (default: the base size) set the base canvas; beyond the base
     model's size it is sampled with MultiDiffusion, and each SR stage scales it by its
     factor. `settings[k]` holds stage k's steps, guidance, aug level and seed.
+    `use_t5`/`use_clip` drop an encoder's conditioning in every stage (eDiff-I's ablation).
     """
     from ediff_jax.multidiffusion import MultiDiffusionSampler
     from ediff_jax.sampling import Sampler
@@ -174,7 +189,8 @@ def run_cascade(
                               lowres_factor=stage.factor, mesh=stage.exp.mesh, **common)
         logs.info(f"Stage {k}: {stage.describe()} -> {height}x{width}, {s.steps} steps, guidance {s.guidance}"
                   + (f", aug level {s.aug_level}" if k else ""))
-        outputs.append(sampler(stage.params, prompts, guidance=s.guidance, seed=s.seed, **lowres))
+        outputs.append(sampler(stage.params, prompts, guidance=s.guidance, seed=s.seed, use_t5=use_t5,
+                               use_clip=use_clip, **lowres))
     return outputs
 
 
@@ -186,9 +202,13 @@ def sample_cascade_from_workdirs(
     *,
     num: int = 1,
     out: str | Path | None = None,
+    ema_decay: float | None = None,
     **kwargs: Any,
 ) -> list[np.ndarray]:
-    """Runs the cascade and writes each stage's PNGs, grid and prompts to out/stage{k}_{H}x{W}/."""
+    """Runs the cascade and writes each stage's PNGs, grid and prompts to out/stage{k}_{H}x{W}/.
+
+    `ema_decay` picks the EMA of that decay in every stage (each must keep it); `kwargs` go to `run_cascade`.
+    """
     from ediff_jax.sampling import write_samples
 
     if not prompts:
@@ -196,8 +216,9 @@ def sample_cascade_from_workdirs(
     stages = read_stages(base_workdir, sr_workdirs)  # geometry errors before any checkpoint is read
     if len(settings) > len(stages):
         raise ValueError(f"Got settings for {len(settings)} stages but only {len(stages)} workdirs.")
+    check_ema_decay(stages, ema_decay)
     out = ensure_writable_dir(out or as_path(base_workdir) / "cascade")
-    load_stages(stages)
+    load_stages(stages, ema_decay)
     expanded = [p for p in prompts for _ in range(num)]
     outputs = run_cascade(stages, expanded, settings, progress=True, **kwargs)
     for k, images in enumerate(outputs):

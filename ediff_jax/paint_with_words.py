@@ -342,6 +342,7 @@ def sample_with_paint(
     out: str | os.PathLike | None = None,
     use_t5: bool = True,
     use_clip: bool = True,
+    ema_decay: float | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """`sampling.sample_from_workdir` with paint-with-words; also writes `masks.png`.
@@ -363,8 +364,8 @@ def sample_with_paint(
         return pww_cond(exp.encoders, expanded, raw, exp.image_shape[0], weight)
 
     images = sample_from_workdir(workdir, prompts, num=num, guidance=guidance, steps=steps, seed=seed,
-                                 sampler=sampler, out=out, use_t5=use_t5, use_clip=use_clip, progress=progress,
-                                 extra_cond_fn=painted)
+                                 sampler=sampler, out=out, use_t5=use_t5, use_clip=use_clip, ema_decay=ema_decay,
+                                 progress=progress, extra_cond_fn=painted)
     regions = np.stack([load_mask(m, images.shape[1]) for m in raw.values()])
     save_png(make_grid(np.repeat(np.round(regions * 255).astype(np.uint8)[..., None], 3, -1)), out / "masks.png",
              upscale=max(1, 128 // images.shape[1]))

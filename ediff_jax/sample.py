@@ -12,6 +12,9 @@ stages fully convolutionally (--sr_mode full) or as tiles (--sr_mode tiles).
 
 Paint-with-words: `--paint "red circle=left.png" --paint "blue square=right.png" --pww-weight 0.4`
 places each phrase of the prompt in its painted (white) region; masks are PNGs of any size.
+
+The flags choose one mode (plain, paint, canvas, cascade; `MODE_FLAGS`). A flag the chosen
+mode does not read is refused with one line, never dropped.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ flags.DEFINE_integer("num", 4, "Images per prompt.")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the config's).")
 flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_string("sampler", None, "heun or euler (default: the config's).")
+flags.DEFINE_string("sampler", None, "heun, euler or dpmpp_2m (default: the config's).")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/samples).")
 flags.DEFINE_float("ema_decay", None, "Which EMA of the weights to sample with (default: config.train.ema_decay; "
                    "others: config.train.extra_ema_decays).")
@@ -89,6 +92,47 @@ def check_flags() -> None:
                 raise ValueError(f"--{name}={v} is out of range: it must be {what}.")
 
 
+# What each mode reads. Every mode reads COMMON_FLAGS; a flag a mode does not read is refused
+# (`refuse_unread_flags`), so no flag is silently ignored.
+COMMON_FLAGS = ("workdir", "prompt", "num", "guidance", "steps", "seed", "sampler", "out", "ema_decay", "use_t5",
+                "use_clip")
+MODE_FLAGS = {
+    "image": (),
+    "paint": ("paint", "pww_weight"),
+    "canvas": ("height", "width", "stride", "circular", "region", "chunk_size", "bootstrap"),
+    "cascade": ("sr_workdir", "sr_steps", "sr_guidance", "aug_level", "sr_seed", "sr_mode", "height", "width",
+                "stride", "circular", "chunk_size"),
+}
+MODE_NAMES = {"image": "plain sampling", "paint": "paint-with-words", "canvas": "a MultiDiffusion canvas",
+              "cascade": "a cascade"}
+MODE_SWITCHES = {"paint": "--paint 'PHRASE=MASK.png'", "canvas": "--height/--width/--region/--circular",
+                 "cascade": "--sr_workdir"}
+SAMPLE_FLAGS = tuple(dict.fromkeys(COMMON_FLAGS + sum(MODE_FLAGS.values(), ())))
+
+
+def sample_mode() -> str:
+    """The mode the given flags ask for: a cascade, a canvas, a painting, or plain sampling."""
+    if FLAGS.sr_workdir:
+        return "cascade"
+    if FLAGS.height is not None or FLAGS.width is not None or FLAGS.region or FLAGS.circular:
+        return "canvas"
+    return "paint" if FLAGS.paint else "image"
+
+
+def refuse_unread_flags(mode: str) -> None:
+    """A flag given explicitly that `mode` does not read: one line naming what it is for and the fix."""
+    for name in SAMPLE_FLAGS:
+        if not FLAGS[name].present or name in COMMON_FLAGS or name in MODE_FLAGS[mode]:
+            continue
+        users = [m for m in MODE_FLAGS if name in MODE_FLAGS[m]]
+        uses = " or ".join(MODE_NAMES[m] for m in users)
+        if mode == "image":
+            switches = " or ".join(MODE_SWITCHES[m] for m in users)
+            raise ValueError(f"--{name} is for {uses}, which plain sampling is not: add {switches}, or drop --{name}.")
+        raise ValueError(f"--{name} is for {uses} and does not combine with {MODE_NAMES[mode]} "
+                         f"({MODE_SWITCHES[mode]}) yet; drop one of them.")
+
+
 def _per_stage(values: list | None, count: int, name: str) -> list:
     """A per-SR-stage flag: absent, or one value per --sr_workdir."""
     values = list(values or [])
@@ -101,8 +145,6 @@ def _per_stage(values: list | None, count: int, name: str) -> list:
 def run_cascade_flags(out: str) -> None:
     from ediff_jax.cascade import StageSettings, sample_cascade_from_workdirs
 
-    if FLAGS.paint or FLAGS.region:
-        raise ValueError("--paint and --region do not combine with --sr_workdir yet; sample the base model alone.")
     n = len(FLAGS.sr_workdir)
     per = zip(_per_stage(FLAGS.sr_steps, n, "sr_steps"), _per_stage(FLAGS.sr_guidance, n, "sr_guidance"),
               _per_stage(FLAGS.aug_level, n, "aug_level"), _per_stage(FLAGS.sr_seed, n, "sr_seed"))
@@ -112,7 +154,8 @@ def run_cascade_flags(out: str) -> None:
     outputs = sample_cascade_from_workdirs(
         FLAGS.workdir, FLAGS.sr_workdir, FLAGS.prompt, settings, num=FLAGS.num, out=out, height=FLAGS.height,
         width=FLAGS.width, stride=FLAGS.stride, circular=FLAGS.circular, sr_mode=FLAGS.sr_mode,
-        chunk_size=FLAGS.chunk_size, seed=FLAGS.seed,
+        chunk_size=FLAGS.chunk_size, seed=FLAGS.seed, ema_decay=FLAGS.ema_decay, use_t5=FLAGS.use_t5,
+        use_clip=FLAGS.use_clip,
     )
     sizes = ", ".join(f"{o.shape[1]}x{o.shape[2]}" for o in outputs)
     print(f"Wrote {len(outputs[-1])} images per stage ({sizes}) to {out}/stage*/.")
@@ -134,18 +177,13 @@ def run() -> None:
     from ediff_jax.sampling import sample_from_workdir  # deferred so --help is fast
 
     out = FLAGS.out or f"{FLAGS.workdir}/samples"
-    if FLAGS.sr_workdir:
+    mode = sample_mode()
+    refuse_unread_flags(mode)
+    if mode == "cascade":
         run_cascade_flags(out)
-        return
-    for name in ("sr_steps", "sr_guidance", "aug_level", "sr_seed", "sr_mode"):
-        if FLAGS[name].present:
-            raise ValueError(f"--{name} sets an SR stage of a cascade; add --sr_workdir.")
-    if FLAGS.height is not None or FLAGS.width is not None or FLAGS.region or FLAGS.circular:  # MultiDiffusion
+    elif mode == "canvas":
         from ediff_jax.multidiffusion import parse_region, sample_canvas_from_workdir
 
-        if FLAGS.paint:
-            raise ValueError("--paint does not combine with a MultiDiffusion canvas (--height/--width/--region/"
-                             "--circular) yet; drop one of them.")
         images = sample_canvas_from_workdir(
             FLAGS.workdir, FLAGS.prompt, height=FLAGS.height, width=FLAGS.width, stride=FLAGS.stride,
             circular=FLAGS.circular, regions=[parse_region(r) for r in FLAGS.region or []], num=FLAGS.num,
@@ -154,27 +192,22 @@ def run() -> None:
             bootstrap_fraction=FLAGS.bootstrap, ema_decay=FLAGS.ema_decay,
         )
         print(f"Wrote {len(images)} canvases and grid.png to {out}.")
-        return
-    if FLAGS.stride is not None or FLAGS.chunk_size is not None or FLAGS["bootstrap"].present:
-        raise ValueError("--stride, --chunk_size and --bootstrap set up a MultiDiffusion canvas; add --height/--width "
-                         "(or --region/--circular).")
-    if FLAGS.paint:
+    elif mode == "paint":
         from ediff_jax.paint_with_words import parse_paint, sample_with_paint
 
         images = sample_with_paint(
             FLAGS.workdir, FLAGS.prompt, parse_paint(FLAGS.paint), weight=FLAGS.pww_weight, num=FLAGS.num,
             guidance=FLAGS.guidance, steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler, out=out,
-            use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip,
+            use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, ema_decay=FLAGS.ema_decay,
         )
         print(f"Wrote {len(images)} painted images, grid.png and masks.png to {out}.")
-        return
-    if FLAGS["pww_weight"].present:
-        raise ValueError("--pww_weight needs --paint 'PHRASE=MASK.png' (it sets the strength of the painting).")
-    images = sample_from_workdir(
-        FLAGS.workdir, FLAGS.prompt, num=FLAGS.num, guidance=FLAGS.guidance, steps=FLAGS.steps, seed=FLAGS.seed,
-        sampler=FLAGS.sampler, out=out, use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, ema_decay=FLAGS.ema_decay,
-    )
-    print(f"Wrote {len(images)} images and grid.png to {out}.")
+    else:
+        images = sample_from_workdir(
+            FLAGS.workdir, FLAGS.prompt, num=FLAGS.num, guidance=FLAGS.guidance, steps=FLAGS.steps,
+            seed=FLAGS.seed, sampler=FLAGS.sampler, out=out, use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip,
+            ema_decay=FLAGS.ema_decay,
+        )
+        print(f"Wrote {len(images)} images and grid.png to {out}.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -20,7 +20,6 @@ from ediff_jax.images import ensure_writable_dir, make_grid, save_png, to_uint8
 from ediff_jax.paths import as_path
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
-SAMPLERS = {"heun": edm.heun_sample, "euler": edm.euler_sample}
 
 
 def make_model_fn(model: nn.Module, params: Any, sigma_data: float,
@@ -42,14 +41,6 @@ def make_model_fn(model: nn.Module, params: Any, sigma_data: float,
     if boundaries is None:
         return single(params)
     return experts.ensemble_denoiser(lambda p, x, sigma, cond: single(p)(x, sigma, cond), params, boundaries)
-
-
-def check_sampler_args(sampler: str, steps: int) -> None:
-    """Shared boundary checks of the single-canvas and MultiDiffusion samplers."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}.")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
 
 
 class Sampler:
@@ -77,7 +68,7 @@ class Sampler:
         lowres_factor: int = 1,
         mesh: Any = None,
     ):
-        check_sampler_args(sampler, steps)
+        edm.check_sampler(sampler, steps)
         height, width = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else image_size
         self.model, self.encoders, self.image_size = model, encoders, image_size
         self.height, self.width = int(height), int(width)
@@ -88,7 +79,7 @@ class Sampler:
         if self.is_sr and self.lowres_factor < 2:
             raise ValueError("An SR stage needs lowres_factor >= 2 (image size / low-res size).")
         self.sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max)
-        sample_fn = SAMPLERS[sampler]
+        sample_fn = edm.SAMPLERS[sampler]
 
         def run(params: Any, enc_params: Any, tokens: Any, extra_cond: Any, rng: jax.Array, guidance: jax.Array,
                 use_t5: bool, use_clip: bool) -> jax.Array:
@@ -292,7 +283,7 @@ def sample_from_workdir(
     if not prompts:
         raise ValueError("Give at least one prompt.")
     check_base_workdir(workdir)  # a mistyped --workdir fails here, before any folder is made
-    check_sampler_args(sampler or "heun", 1 if steps is None else steps)
+    edm.check_sampler(sampler or "heun", 1 if steps is None else steps)
     out = ensure_writable_dir(out or as_path(workdir) / "samples")  # before any heavy work
     config, exp, ema_params = load_workdir(workdir, ema_decay=ema_decay)
     sample = Sampler(exp.model, exp.encoders, image_size=int(config.data.image_size),

@@ -229,6 +229,10 @@ def build_experiment(config: ml_collections.ConfigDict, devices: list | None = N
     """Validates the config and builds everything that does not depend on the workdir."""
     validate_config(config)
     sr.check_sr_config(config)
+    try:  # the grids written during and after training sample with these: refused now, not after the run
+        edm.check_sampler(str(config.sample.sampler), int(config.sample.steps))
+    except ValueError as e:
+        raise ValueError(f"config.sample: {e}") from None
     # An SR stage is the same UNet with the low-res input path, which follows from config.sr.
     model = build_model({**config.model.to_dict(), "lowres_cond": sr.is_sr(config),
                          "lowres_residual": sr.is_residual(config)})

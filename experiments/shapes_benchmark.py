@@ -45,6 +45,8 @@ from experiments.ablations import common
 
 CONFIG = common.REPO / "configs" / "shapes_benchmark.py"
 DEFAULT_WORKDIR = common.REPO / "workdirs" / "shapes_benchmark"
+# ediff_jax.edm.SAMPLERS' names, written out so --help does not import JAX (a test keeps them equal).
+SAMPLER_NAMES = ("heun", "euler", "dpmpp_2m")
 GOALS = {"one_object_color_shape_strict_accuracy": 0.95, "two_object_relation_accuracy": 0.85}
 COLUMNS = ("step", "train_samples", "one_object_color_shape_strict_accuracy", "one_object_strict_ci95",
            "one_object_color_shape_accuracy", "one_object_ci95", "num_one_object",
@@ -181,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                    help="Share of the prompts used for the checkpoints before the last (0: score the last only).")
     p.add_argument("--guidance", type=float, default=None, help="Guidance scale (default: the workdir's config).")
     p.add_argument("--steps", type=int, default=None, help="Sampler steps (default: the workdir's config).")
-    p.add_argument("--sampler", default=None, choices=("heun", "euler"), help="Sampler (default: the workdir's config).")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="Sampler (default: the workdir's config).")
     p.add_argument("--ema_decay", type=float, default=None,
                    help="Which EMA the run kept to score (default: config.train.ema_decay; others: its extra_ema_decays).")
     p.add_argument("--batch", type=int, default=48, help="Images per sampler call (one compiled program).")

@@ -279,3 +279,12 @@ def test_layout_probe_smoke(smoke_workdir, tmp_path):
     assert [r["sigma"] for r in rows] == [10.0, 1.0]
     assert all(math.isfinite(r["placement_slope"]) and r["num_prompts"] == 9 for r in rows)
     assert (tmp_path / "results.md").exists()
+
+
+def test_shapes_benchmark_offers_every_sampler():
+    """--sampler's choices are written out (no JAX import for --help); they must be the library's samplers."""
+    from ediff_jax.edm import SAMPLERS, check_sampler
+
+    assert set(shapes_benchmark.SAMPLER_NAMES) == set(SAMPLERS)
+    with pytest.raises(ValueError, match="dpmpp_2m sampler needs at least 2 steps"):
+        check_sampler("dpmpp_2m", 1)

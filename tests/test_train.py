@@ -183,6 +183,17 @@ def test_unknown_config_keys_are_named(tiny_config):
     assert "modle (did you mean 'model'?)" in str(info.value)
 
 
+@pytest.mark.parametrize("sampler, steps, message", [("dpm", 24, "Unknown sampler 'dpm'"),
+                                                      ("dpmpp_2m", 1, "needs at least 2 steps")])
+def test_a_bad_sampling_config_is_refused_before_training(tiny_config, tmp_path, sampler, steps, message):
+    """The grids after (and during) training sample with config.sample: was found after the whole run."""
+    bad = tiny_config.copy_and_resolve_references()
+    bad.sample.sampler, bad.sample.steps = sampler, steps
+    with pytest.raises(ValueError, match=f"config.sample: .*{message}"):
+        trainer.train_and_evaluate(bad, tmp_path / "wd")
+    assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
 def test_unknown_dataset_is_named(tiny_config, tmp_path):
     bad = tiny_config.copy_and_resolve_references()
     bad.data.name = "ediff_shapez/32"

@@ -23,7 +23,7 @@ from ediff_jax.multidiffusion.denoiser import check_chunk_size, multidiffusion_d
 from ediff_jax.multidiffusion.regions import bootstrap_sigma, check_bootstrap_fraction, check_masks, region_denoiser
 from ediff_jax.multidiffusion.views import Tiling, crop, wrap_canvas
 from ediff_jax.paths import as_path
-from ediff_jax.sampling import SAMPLERS, check_base_workdir, check_sampler_args, load_workdir, make_model_fn, read_workdir_config, write_samples
+from ediff_jax.sampling import check_base_workdir, load_workdir, make_model_fn, read_workdir_config, write_samples
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
 Region = tuple[str, Any]  # (prompt, mask [H, W] in [0, 1] or a path to a PNG)
@@ -81,7 +81,7 @@ class MultiDiffusionSampler:
         lowres_factor: int = 1,
     ):
         """`boundaries`: sigma boundaries of a stacked expert ensemble (`params` stacked), else None."""
-        check_sampler_args(sampler, steps)
+        edm.check_sampler(sampler, steps)
         check_chunk_size(chunk_size)
         self.encoders = encoders
         self.is_sr, self.lowres_factor = bool(getattr(model, "lowres_cond", False)), int(lowres_factor)
@@ -93,7 +93,7 @@ class MultiDiffusionSampler:
         tiling = self.tiling
         self.sigmas = sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max)
         self.bootstrap_above = bootstrap_sigma(np.asarray(sigmas), bootstrap_fraction)
-        sample_fn = SAMPLERS[sampler]
+        sample_fn = edm.SAMPLERS[sampler]
 
         def run(params: Any, enc_params: Any, tokens: Any, region_tokens: Any, masks: jax.Array, rng: jax.Array,
                 guidance: jax.Array, lowres: Any, aug_level: Any, use_t5: bool, use_clip: bool) -> jax.Array:

@@ -1,0 +1,115 @@
+"""`python -m ediff_jax.sample`: every flag reaches the mode it is for, or is refused.
+
+The entry points of the four modes are replaced by recorders, so these tests check the
+wiring alone (no model is loaded): a flag that is given and then dropped on its way to
+the sampler would otherwise change nothing and say nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ediff_jax import cascade, multidiffusion, paint_with_words, sample, sampling
+
+BASE = ["sample", "--workdir=W", "--prompt=a red circle", "--out=O"]
+# Every common flag at a value that is not its default.
+COMMON = ["--num=2", "--guidance=3.5", "--steps=7", "--seed=5", "--sampler=euler", "--ema_decay=0.9995",
+          "--nouse_t5", "--nouse_clip"]
+# One valid, non-default value per mode flag.
+VALUES = {
+    "paint": "--paint=red circle=m.png", "pww_weight": "--pww_weight=1.5", "height": "--height=32",
+    "width": "--width=64", "stride": "--stride=8", "circular": "--circular", "region": "--region=a cat=r.png",
+    "chunk_size": "--chunk_size=2", "bootstrap": "--bootstrap=0.5", "sr_workdir": "--sr_workdir=S",
+    "sr_steps": "--sr_steps=3", "sr_guidance": "--sr_guidance=1.5", "aug_level": "--aug_level=0.2",
+    "sr_seed": "--sr_seed=9", "sr_mode": "--sr_mode=tiles",
+}
+# Flags that choose the mode themselves (giving one changes the mode instead of being refused).
+SWITCHES = {"paint", "height", "width", "region", "circular", "sr_workdir"}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Records each mode's entry-point call instead of sampling."""
+    recorded = []
+
+    def recorder(name):
+        def record(*args, **kwargs):
+            recorded.append((name, args, kwargs))
+            return [np.zeros((1, 32, 32, 3), np.uint8)] if name == "cascade" else []
+        return record
+
+    monkeypatch.setattr(sampling, "sample_from_workdir", recorder("image"))
+    monkeypatch.setattr(paint_with_words, "sample_with_paint", recorder("paint"))
+    monkeypatch.setattr(multidiffusion, "sample_canvas_from_workdir", recorder("canvas"))
+    monkeypatch.setattr(cascade, "sample_cascade_from_workdirs", recorder("cascade"))
+    yield recorded
+    sample.FLAGS.unparse_flags()
+
+
+def run(argv: list[str]) -> None:
+    sample.FLAGS.unparse_flags()
+    sample.parse_flags(BASE + argv)
+    sample.check_flags()
+    sample.run()
+
+
+def test_every_flag_of_the_cli_is_assigned_to_modes():
+    """A new flag must be listed as common or as some mode's, or the refusal check cannot see it."""
+    defined = {f.name for f in sample.FLAGS.get_flags_for_module(sample.__name__)}
+    assert defined == set(sample.SAMPLE_FLAGS)
+    assert set(VALUES) == set(sample.SAMPLE_FLAGS) - set(sample.COMMON_FLAGS)
+
+
+COMMON_KWARGS = {"guidance": 3.5, "steps": 7, "seed": 5, "sampler": "euler", "out": "O", "ema_decay": 0.9995,
+                 "use_t5": False, "use_clip": False, "num": 2}
+
+
+@pytest.mark.parametrize("mode, argv, expected", [
+    ("image", [], {}),
+    ("paint", ["--paint=red circle=m.png", "--pww_weight=1.5"], {"weight": 1.5}),
+    ("canvas", ["--height=32", "--width=64", "--stride=8", "--circular", "--region=a cat=r.png",
+                "--chunk_size=2", "--bootstrap=0.5"],
+     {"height": 32, "width": 64, "stride": 8, "circular": True, "regions": [("a cat", "r.png")], "chunk_size": 2,
+      "bootstrap_fraction": 0.5}),
+])
+def test_common_and_mode_flags_reach_the_sampler(calls, mode, argv, expected):
+    run(COMMON + argv)
+    [(name, args, kwargs)] = calls
+    assert name == mode
+    assert args[:2] == ("W", ["a red circle"])
+    for key, value in {**COMMON_KWARGS, **expected}.items():
+        assert kwargs[key] == value, key
+    if mode == "paint":
+        assert args[2] == {"red circle": "m.png"}
+
+
+def test_cascade_flags_reach_every_stage(calls):
+    """The base stage takes the common flags; ema_decay and the encoder choice reach the cascade."""
+    run(COMMON + ["--sr_workdir=S", "--sr_steps=3", "--sr_guidance=1.5", "--aug_level=0.2", "--sr_seed=9",
+                  "--sr_mode=tiles", "--height=32", "--width=64", "--stride=8", "--circular", "--chunk_size=2"])
+    [(name, args, kwargs)] = calls
+    assert name == "cascade" and args[:3] == ("W", ["S"], ["a red circle"])
+    base, sr = args[3]
+    assert (base.steps, base.guidance, base.seed, base.sampler) == (7, 3.5, 5, "euler")
+    assert (sr.steps, sr.guidance, sr.aug_level, sr.seed, sr.sampler) == (3, 1.5, 0.2, 9, "euler")
+    assert {k: kwargs[k] for k in ("num", "out", "ema_decay", "use_t5", "use_clip", "height", "width", "stride",
+                                   "circular", "sr_mode", "chunk_size", "seed")} == {
+        "num": 2, "out": "O", "ema_decay": 0.9995, "use_t5": False, "use_clip": False, "height": 32, "width": 64,
+        "stride": 8, "circular": True, "sr_mode": "tiles", "chunk_size": 2, "seed": 5}
+
+
+MODE_ARGV = {"image": [], "paint": [VALUES["paint"]], "canvas": [VALUES["height"]], "cascade": [VALUES["sr_workdir"]]}
+UNREAD = [(mode, flag) for mode in sample.MODE_FLAGS for flag in VALUES
+          if flag not in sample.MODE_FLAGS[mode] and flag not in SWITCHES]
+# Switches that do not combine: the mode with precedence refuses the other's switch.
+UNREAD += [("canvas", "paint"), ("cascade", "paint"), ("cascade", "region")]
+
+
+@pytest.mark.parametrize("mode, flag", UNREAD, ids=[f"{m}-{f}" for m, f in UNREAD])
+def test_a_flag_the_mode_does_not_read_is_refused(calls, mode, flag):
+    """Refused in one line that names the flag, before anything is loaded."""
+    with pytest.raises(ValueError, match=f"--{flag} is for ") as e:
+        run(MODE_ARGV[mode] + [VALUES[flag]])
+    assert "\n" not in str(e.value)
+    assert calls == []
