@@ -41,8 +41,8 @@ from ediff_jax.models.layers import (
     group_norm,
     zeros_init,
 )
-from ediff_jax.paint_with_words import MODES as PWW_MODES
-from ediff_jax.paint_with_words import pool_masks, pww_bias
+from ediff_jax.models.pww_bias import MODES as PWW_MODES
+from ediff_jax.models.pww_bias import pool_masks, pww_bias
 
 Conditioning = Mapping[str, jax.Array]
 
