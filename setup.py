@@ -33,11 +33,12 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # PyTorch (CPU) serves as the reference implementation in parity tests. pytest-xdist runs the
-    # suite on both cores in CI (the tests mostly compile, and XLA compiles on one thread).
+    # suite on both cores in CI (the tests mostly compile, and XLA compiles on one thread); filelock
+    # guards the JAX compilation cache the two workers share.
     # gcp-storage-emulator (pinned: tests/gcs_emulator.py patches its handlers) and cryptography
     # (the TLS proxy's certificate) serve gs:// on 127.0.0.1 for the remote-workdir test.
-    "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",
-             "gcp-storage-emulator==2026.7.19", "cryptography>=42"],
+    "test": ["pytest>=8", "pytest-xdist>=3.6", "filelock>=3.12", "torch==2.13.0", "nbclient>=0.10",
+             "nbformat>=5.10", "ipykernel>=6", "gcp-storage-emulator==2026.7.19", "cryptography>=42"],
     # diffusers' UNet2DConditionModel (PyTorch, CPU) as the baseline of experiments/benchmarks/train_bench.py.
     "bench": ["diffusers==0.42.1", "torch==2.13.0"],
 }

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ediff_jax import logs, sr
+from ediff_jax import edm, logs, sr
 from ediff_jax.images import ensure_writable_dir
 from ediff_jax.paths import as_path
 
@@ -217,6 +217,13 @@ def sample_cascade_from_workdirs(
     if len(settings) > len(stages):
         raise ValueError(f"Got settings for {len(settings)} stages but only {len(stages)} workdirs.")
     check_ema_decay(stages, ema_decay)
+    for k, stage in enumerate(stages):  # each stage's sampler and steps, before any checkpoint is read
+        given = settings[k] if k < len(settings) else StageSettings()
+        chosen = _settings(stage, given, k, 0)
+        try:
+            edm.check_sampler(chosen.sampler, chosen.steps)
+        except ValueError as e:
+            raise ValueError(f"Stage {k} ({stage.workdir}): {e}") from None
     out = ensure_writable_dir(out or as_path(base_workdir) / "cascade")
     load_stages(stages, ema_decay)
     expanded = [p for p in prompts for _ in range(num)]

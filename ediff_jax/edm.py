@@ -400,9 +400,10 @@ def dpmpp_2m_sample(
         raise ValueError(f"x_init must be a floating array; got dtype {x_init.dtype}")
     sigmas = _validate_sigmas(sigmas)
     num_steps = sigmas.shape[0] - 1
-    if num_steps < 2:
-        raise ValueError(f"dpmpp_2m needs at least 2 steps (its second order uses the previous step); got "
-                         f"{num_steps}. Use more steps, or the euler sampler for a single step.")
+    if num_steps < SAMPLER_MIN_STEPS["dpmpp_2m"]:
+        raise ValueError(f"dpmpp_2m needs at least {SAMPLER_MIN_STEPS['dpmpp_2m']} steps to be second order (its "
+                         f"first step has no history and its last lands on D); got {num_steps}. Use more steps, "
+                         "or the euler sampler.")
     out_dtype = x_init.dtype
     work_dtype = _float_dtype(x_init, sigmas)
     sigmas = sigmas.astype(work_dtype)
@@ -431,19 +432,23 @@ def dpmpp_2m_sample(
 
 SAMPLERS: dict[str, Callable[..., Array]] = {"heun": heun_sample, "euler": euler_sample,
                                               "dpmpp_2m": dpmpp_2m_sample}
-# A multistep solver needs history: with fewer steps it cannot reach its order.
-SAMPLER_MIN_STEPS = {"dpmpp_2m": 2}
+# A multistep solver needs history to reach its order: DPM-Solver++(2M)'s first step has none
+# and its last lands on D, so second order needs at least one step between them.
+SAMPLER_MIN_STEPS = {"dpmpp_2m": 3}
 
 
-def check_sampler(sampler: str, steps: int) -> None:
-    """A sampler name and step count every sampling entry point (and the trainer's config check) accepts."""
+def check_sampler(sampler: str, steps: int | None) -> None:
+    """A sampler name and step count (None: the config's, checked when known) that sampling accepts."""
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}.")
+    if steps is None:
+        return
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     if steps < SAMPLER_MIN_STEPS.get(sampler, 1):
-        raise ValueError(f"The {sampler} sampler needs at least {SAMPLER_MIN_STEPS[sampler]} steps (a multistep "
-                         f"solver uses the previous step); got {steps}. Raise the steps or use euler.")
+        raise ValueError(f"The {sampler} sampler needs at least {SAMPLER_MIN_STEPS[sampler]} steps to be second "
+                         f"order (its first step has no history and its last lands on D); got {steps}. Raise the "
+                         "steps or use euler.")
 
 
 # --------------------------------------------------------------------------------------

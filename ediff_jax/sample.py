@@ -119,10 +119,27 @@ def sample_mode() -> str:
     return "paint" if FLAGS.paint else "image"
 
 
+def conditional_refusal(mode: str, name: str) -> str | None:
+    """Why `mode` does not read `name` in this combination of flags, when it reads it in others."""
+    if mode == "canvas" and name == "bootstrap" and not FLAGS.region:
+        return "--bootstrap acts on --region prompts only: add --region or drop --bootstrap."
+    canvas_in_cascade = FLAGS.height is not None or FLAGS.width is not None or FLAGS.sr_mode == "tiles"
+    if mode == "cascade" and name in ("stride", "circular", "chunk_size") and not canvas_in_cascade:
+        return (f"--{name} sets up MultiDiffusion crops, and this cascade samples none: add --height/--width (a "
+                f"panorama) or --sr_mode tiles, or drop --{name}.")
+    return None
+
+
 def refuse_unread_flags(mode: str) -> None:
-    """A flag given explicitly that `mode` does not read: one line naming what it is for and the fix."""
+    """A flag given (at a value other than its default) that `mode` does not read: one line, what it is for and
+    the fix. An explicit default (`--nocircular`) changes nothing, so it passes."""
     for name in SAMPLE_FLAGS:
-        if not FLAGS[name].present or name in COMMON_FLAGS or name in MODE_FLAGS[mode]:
+        if not FLAGS[name].present or FLAGS[name].value == FLAGS[name].default or name in COMMON_FLAGS:
+            continue
+        if name in MODE_FLAGS[mode]:
+            why = conditional_refusal(mode, name)
+            if why:
+                raise ValueError(why)
             continue
         users = [m for m in MODE_FLAGS if name in MODE_FLAGS[m]]
         uses = " or ".join(MODE_NAMES[m] for m in users)

@@ -283,7 +283,8 @@ def sample_from_workdir(
     if not prompts:
         raise ValueError("Give at least one prompt.")
     check_base_workdir(workdir)  # a mistyped --workdir fails here, before any folder is made
-    edm.check_sampler(sampler or "heun", 1 if steps is None else steps)
+    config = read_workdir_config(workdir)
+    edm.check_sampler(sampler or str(config.sample.sampler), int(config.sample.steps) if steps is None else steps)
     out = ensure_writable_dir(out or as_path(workdir) / "samples")  # before any heavy work
     config, exp, ema_params = load_workdir(workdir, ema_decay=ema_decay)
     sample = Sampler(exp.model, exp.encoders, image_size=int(config.data.image_size),

@@ -203,7 +203,7 @@ def test_dpmpp_2m_is_second_order_on_gaussian_ode():
 
 def test_dpmpp_2m_matches_a_reference_loop_and_needs_two_steps():
     """Against a plain-numpy transcription of k-diffusion's sample_dpmpp_2m, on a nonlinear
-    denoiser (so the multistep extrapolation matters); one step is refused."""
+    denoiser (so the multistep extrapolation matters); two steps (never second order) are refused."""
     def denoise(x, sigma):
         return np.tanh(x) * 0.7 / (1.0 + sigma)
 
@@ -223,8 +223,8 @@ def test_dpmpp_2m_matches_a_reference_loop_and_needs_two_steps():
     out = edm.dpmpp_2m_sample(lambda x, s: jnp.tanh(x) * 0.7 / (1.0 + s), jnp.asarray(x0, jnp.float32),
                               jnp.asarray(sigmas, jnp.float32))
     np.testing.assert_allclose(np.asarray(out), x, rtol=2e-5, atol=2e-5)
-    with pytest.raises(ValueError, match="at least 2 steps"):
-        edm.dpmpp_2m_sample(denoise, jnp.ones((1, 3)), edm.karras_sigmas(1))
+    with pytest.raises(ValueError, match="at least 3 steps to be second order"):
+        edm.dpmpp_2m_sample(denoise, jnp.ones((1, 3)), edm.karras_sigmas(2))
 
 
 def test_heun_on_finite_training_set_lands_on_training_points():

@@ -286,5 +286,6 @@ def test_shapes_benchmark_offers_every_sampler():
     from ediff_jax.edm import SAMPLERS, check_sampler
 
     assert set(shapes_benchmark.SAMPLER_NAMES) == set(SAMPLERS)
-    with pytest.raises(ValueError, match="dpmpp_2m sampler needs at least 2 steps"):
-        check_sampler("dpmpp_2m", 1)
+    with pytest.raises(ValueError, match="dpmpp_2m sampler needs at least 3 steps"):
+        check_sampler("dpmpp_2m", 2)
+    check_sampler("dpmpp_2m", None)  # the config's steps: checked where the config is read

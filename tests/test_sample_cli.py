@@ -113,3 +113,40 @@ def test_a_flag_the_mode_does_not_read_is_refused(calls, mode, flag):
         run(MODE_ARGV[mode] + [VALUES[flag]])
     assert "\n" not in str(e.value)
     assert calls == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--height=32", "--bootstrap=0.5"], "--bootstrap acts on --region prompts only"),
+    (["--sr_workdir=S", "--stride=8"], "--stride sets up MultiDiffusion crops, and this cascade samples none"),
+    (["--sr_workdir=S", "--circular"], "--circular sets up MultiDiffusion crops"),
+    (["--sr_workdir=S", "--chunk_size=2"], "--chunk_size sets up MultiDiffusion crops"),
+])
+def test_a_flag_read_only_in_other_combinations_is_refused(calls, argv, message):
+    """Read by the mode, but not with these other flags (no region to bootstrap, no canvas in the cascade)."""
+    with pytest.raises(ValueError, match=message):
+        run(argv)
+    assert calls == []
+
+
+def test_explicit_defaults_and_the_combinations_that_read_them_pass(calls):
+    """`--nocircular` or `--sr_mode=full` in plain sampling change nothing and are not refused; --sr_mode tiles
+    reads --stride and --chunk_size without a panorama."""
+    run(["--nocircular", "--sr_mode=full", "--bootstrap=0.2"])
+    run(["--sr_workdir=S", "--sr_mode=tiles", "--stride=8", "--chunk_size=2"])
+    assert [name for name, _, _ in calls] == ["image", "cascade"]
+    assert calls[1][2]["stride"] == 8 and calls[1][2]["chunk_size"] == 2
+
+
+def test_the_sampler_is_checked_against_the_workdirs_steps_before_loading(tmp_path):
+    """`--sampler dpmpp_2m` without --steps takes the config's steps (was: checked as 1 step and refused);
+    a config whose steps are too few for it is refused before any checkpoint is read."""
+    from ediff_jax.config_utils import base_config
+
+    config = base_config()
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):  # past the sampler check, at the load
+        sampling.sample_from_workdir(tmp_path, ["a red circle"], sampler="dpmpp_2m", out=tmp_path / "o")
+    config.sample.steps = 2
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    with pytest.raises(ValueError, match="needs at least 3 steps"):
+        sampling.sample_from_workdir(tmp_path, ["a red circle"], sampler="dpmpp_2m", out=tmp_path / "o")

@@ -184,7 +184,7 @@ def test_unknown_config_keys_are_named(tiny_config):
 
 
 @pytest.mark.parametrize("sampler, steps, message", [("dpm", 24, "Unknown sampler 'dpm'"),
-                                                      ("dpmpp_2m", 1, "needs at least 2 steps")])
+                                                      ("dpmpp_2m", 2, "needs at least 3 steps")])
 def test_a_bad_sampling_config_is_refused_before_training(tiny_config, tmp_path, sampler, steps, message):
     """The grids after (and during) training sample with config.sample: was found after the whole run."""
     bad = tiny_config.copy_and_resolve_references()

@@ -206,7 +206,9 @@ def sample_canvas_from_workdir(
         raise ValueError("Give at least one prompt.")
     workdir = as_path(workdir)
     check_base_workdir(workdir)
-    size = int(read_workdir_config(workdir).data.image_size)
+    saved = read_workdir_config(workdir)
+    size = int(saved.data.image_size)
+    edm.check_sampler(sampler or str(saved.sample.sampler), int(saved.sample.steps) if steps is None else steps)
     height, width = size if height is None else height, size if width is None else width
     # Geometry and mask errors surface here, before the checkpoint is loaded.
     Tiling(height, width, size, default_stride(size) if stride is None else stride, circular)
