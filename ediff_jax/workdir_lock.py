@@ -82,6 +82,9 @@ class LockHolder:
     command: str
     heartbeat: float  # epoch seconds of the last refresh
     machine: str = ""  # kernel boot id and pid namespace: where `pid` can be checked
+    # The kernel's own start time of `pid` in clock ticks since boot (/proc/PID/stat field 22): exact, and
+    # unlike `process_started` it does not move when the wall clock is stepped.
+    process_start_ticks: int | None = None
 
     def heartbeat_age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.heartbeat
@@ -110,7 +113,8 @@ class LockHolder:
         try:
             holder = cls(host=str(data["host"]), pid=data["pid"], process_started=data.get("process_started"),
                          token=str(data["token"]), command=str(data.get("command", "")),
-                         heartbeat=data["heartbeat"], machine=str(data.get("machine", "")))
+                         heartbeat=data["heartbeat"], machine=str(data.get("machine", "")),
+                         process_start_ticks=data.get("process_start_ticks"))
         except KeyError as e:
             raise ValueError(f"it lacks the field {e}") from None
         if not isinstance(holder.pid, int) or isinstance(holder.pid, bool) or holder.pid <= 0:
@@ -119,6 +123,9 @@ class LockHolder:
             raise ValueError(f"its heartbeat {holder.heartbeat!r} is not a number")
         if holder.process_started is not None and not isinstance(holder.process_started, (int, float)):
             raise ValueError(f"its process_started {holder.process_started!r} is not a number")
+        ticks = holder.process_start_ticks
+        if ticks is not None and (not isinstance(ticks, int) or isinstance(ticks, bool)):
+            raise ValueError(f"its process_start_ticks {ticks!r} is not an integer")
         if not holder.token:
             raise ValueError("its token is empty")
         return holder
@@ -190,7 +197,8 @@ class WorkdirLock:
         self.lost_reason, self._io_warned = None, False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = LockHolder(host=_HOST, pid=os.getpid(), process_started=_own_start_time(), token=uuid.uuid4().hex,
-                        command=_command_line(), heartbeat=time.time(), machine=_MACHINE)
+                        command=_command_line(), heartbeat=time.time(), machine=_MACHINE,
+                        process_start_ticks=_start_ticks(os.getpid()))
         replaced = self._acquire_local(me) if self._local else self._acquire_remote(me)
         self.holder = me
         if replaced is not None:
@@ -295,7 +303,8 @@ class WorkdirLock:
             h = seen.holder
             if age > self.lease_seconds:
                 return f"its heartbeat stopped {_format_age(age)} ago (lease {_format_age(self.lease_seconds)})"
-            if h.host == _HOST and h.machine == _MACHINE and not _pid_alive(h.pid, h.process_started):
+            if h.host == _HOST and h.machine == _MACHINE and not _pid_alive(h.pid, h.process_started,
+                                                                            h.process_start_ticks):
                 return f"its process {h.pid} is no longer running on this machine"
         if self.take_over:
             return "take_over was requested for a live lock"
@@ -491,8 +500,14 @@ def _is_local(path: epath.Path) -> bool:
     return not os.fspath(path).startswith(_REMOTE_PREFIXES)
 
 
-def _pid_alive(pid: int, started: float | None) -> bool:
-    """Whether `pid` on this machine still is the process that wrote the lock (not a zombie or a reused pid)."""
+def _pid_alive(pid: int, started: float | None, start_ticks: int | None = None) -> bool:
+    """Whether `pid` on this machine still is the process that wrote the lock (not a zombie or a reused pid).
+
+    The start time in clock ticks since boot decides when the lock has it (same `machine`: same boot).
+    Locks from before it compare epoch start times within 2 s; those are boot time + ticks, and boot
+    time as /proc/stat reports it moves when the wall clock is stepped, so a live holder could read
+    as a reused pid (and its lock be replaced) in a process that started before the step.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -507,6 +522,9 @@ def _pid_alive(pid: int, started: float | None) -> bool:
     state, proc_started = info
     if state in "ZX":
         return False  # killed, not yet reaped by its parent
+    if start_ticks is not None:
+        ticks = _start_ticks(pid)
+        return ticks is None or ticks == start_ticks
     return started is None or abs(proc_started - started) < 2.0
 
 
@@ -541,6 +559,15 @@ def _machine_id() -> str:
     except OSError:
         return ""
     return "/".join(parts)
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The kernel's start time of `pid` in clock ticks since boot (Linux), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _own_start_time() -> float:
