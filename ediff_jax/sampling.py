@@ -245,7 +245,7 @@ def load_workdir(workdir: str | Path, devices: list | None = None,
 
     try:
         if step is None:
-            _, params, saved = ckpt.restore_latest_good(abstract_for, restore)
+            step, params, saved = ckpt.restore_latest_good(abstract_for, restore)
         else:
             if int(step) not in ckpt.all_steps():
                 raise FileNotFoundError(f"No checkpoint of step {step} in {ckpt.directory}; the kept steps are "
@@ -256,6 +256,7 @@ def load_workdir(workdir: str | Path, devices: list | None = None,
         ckpt.close()
     if exp.phases:
         exp.boundaries = np.asarray(saved.get("progress", {})["boundaries"], np.float32)
+    exp.restored_step = int(step)
     return config, exp, params
 
 

@@ -144,6 +144,7 @@ class Experiment:
     phases: list[list[experts.Interval]] = dataclasses.field(default_factory=list)  # [] = single model
     phase_ends: list[int] = dataclasses.field(default_factory=list)
     boundaries: np.ndarray | None = None  # set by `sampling.load_workdir` for ensembles
+    restored_step: int | None = None  # set by `sampling.load_workdir`: the checkpoint's step
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

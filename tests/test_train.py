@@ -137,11 +137,16 @@ def test_load_workdir_at_a_kept_step(trained_workdir):
     """`step` restores that checkpoint (learning curves); a step not kept is named with the kept ones."""
     from ediff_jax.sampling import load_workdir
 
-    _, _, at_2 = load_workdir(trained_workdir, step=2)
-    _, _, latest = load_workdir(trained_workdir)
+    _, exp_2, at_2 = load_workdir(trained_workdir, step=2)
+    config, exp_latest, latest = load_workdir(trained_workdir)
     _, _, at_4 = load_workdir(trained_workdir, step=4)
     same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
     assert same(latest, at_4) and not same(at_2, at_4)
+    # the restored step is recorded: a run stopped early (time box) reports the samples it saw, not its ceiling
+    from experiments.ablations.common import Model
+
+    assert (exp_2.restored_step, exp_latest.restored_step) == (2, 4)
+    assert Model(trained_workdir, config, exp_2, at_2).train_samples == 2 * int(config.train.batch_size)
     with pytest.raises(FileNotFoundError, match=r"step 3 .*\[2, 4\]"):
         load_workdir(trained_workdir, step=3)
 

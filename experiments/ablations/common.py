@@ -183,7 +183,9 @@ class Model:
 
     @property
     def train_samples(self) -> int:
-        return int(self.config.train.num_steps) * int(self.config.train.batch_size)
+        """Samples seen up to the loaded checkpoint (a time-boxed run stops before config.train.num_steps)."""
+        step = self.exp.restored_step
+        return int(self.config.train.num_steps if step is None else step) * int(self.config.train.batch_size)
 
     def sampler(self, steps: int | None = None, name: str | None = None) -> Any:
         """A `Sampler` with the workdir's settings (`steps` and the sampler's `name` override the config's)."""
