@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ediff_jax import edm, experts, parallel, sr
+from ediff_jax import edm, experts, logs, parallel, sr
 from ediff_jax.images import ensure_writable_dir, make_grid, save_png, to_uint8
 from ediff_jax.paths import as_path
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
@@ -257,7 +257,23 @@ def load_workdir(workdir: str | Path, devices: list | None = None,
     if exp.phases:
         exp.boundaries = np.asarray(saved.get("progress", {})["boundaries"], np.float32)
     exp.restored_step = int(step)
+    if ema_decay is not None:
+        warn_if_ema_in_warmup(float(ema_decay), int(step))
     return config, exp, params
+
+
+def warn_if_ema_in_warmup(decay: float, step: int) -> None:
+    """An EMA picked by decay that the trainer's warm-up (`trainer.ema_decay_at`: decay capped at
+    (1 + t) / (10 + t)) has kept from taking effect up to `step`. It then holds the same weights as
+    every other EMA of at least the cap, so comparing them would compare a model with itself."""
+    import math
+
+    cap = step / (step + 9.0)  # the decay of the last update, at t = step - 1
+    if decay > cap:
+        reached = math.ceil(9.0 * decay / (1.0 - decay) - 1e-6)  # the first step whose cap is >= decay
+        logs.warning(f"EMA decay {decay:g} has not taken effect by step {step}: the trainer's warm-up caps every "
+                     f"decay at {cap:.4f} until step {reached}, so this EMA equals every other EMA of decay >= "
+                     f"{cap:.4f} kept in this run.")
 
 
 def sample_from_workdir(

@@ -12,6 +12,7 @@
 import json
 import shutil
 import textwrap
+import warnings
 from pathlib import Path
 
 import jax
@@ -153,6 +154,21 @@ def copy_of(workdir: Path, tmp_path: Path) -> Path:
     return target
 
 
+def test_picking_an_ema_still_in_its_warm_up_warns(trained):
+    """The warm-up caps every decay at (1 + t) / (10 + t): at step 4 the configured decay has not taken
+    effect, so that EMA equals any other of decay >= 4/13 (a 60-minute run's 0.999 and 0.9995 did)."""
+    from ediff_jax.sampling import load_workdir, read_workdir_config, warn_if_ema_in_warmup
+
+    decay = float(read_workdir_config(trained).train.ema_decay)
+    with pytest.warns(UserWarning, match=rf"EMA decay {decay:g} has not taken effect by step 4: .* at 0\.3077"):
+        load_workdir(trained, ema_decay=decay)
+    with pytest.warns(UserWarning, match="until step 17991"):  # the first t with t / (t + 9) >= 0.9995
+        warn_if_ema_in_warmup(0.9995, 6455)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_ema_in_warmup(0.999, 9000)  # cap 9000/9009 > 0.999: in effect
+
+
 def test_sampling_restores_only_the_chosen_ema_and_writes_nothing(shapes_data_dir, trained, monkeypatch):
     """load_workdir asks orbax for one field of the state, the one EMA it samples with, and
     the checkpoint tree is byte- and mtime-identical afterwards."""
@@ -164,7 +180,9 @@ def test_sampling_restores_only_the_chosen_ema_and_writes_nothing(shapes_data_di
                         lambda self, step, fields: asked.append((step, sorted(fields))) or original(self, step, fields))
     before = snapshot(trained / "checkpoints")
     _, _, ema = load_workdir(trained)
-    _, _, extra = load_workdir(trained, ema_decay=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0.2 took effect at step 4 (cap 4/13): no warning
+        _, _, extra = load_workdir(trained, ema_decay=0.2)
     assert asked == [(4, ["ema_params"]), (4, ["extra_emas"])]
     assert snapshot(trained / "checkpoints") == before
     # The restored trees are the saved ones: compare with a full restore of step 4.
