@@ -116,10 +116,10 @@ def check_ema_decay(stages: Sequence[Stage], ema_decay: float | None) -> None:
 
 
 def load_stages(stages: Sequence[Stage], ema_decay: float | None = None) -> None:
-    """Loads each stage's experiment and EMA parameters (in place); `ema_decay` picks every stage's EMA."""
+    """Loads each stage's experiment and EMA parameters (in place); `ema_decay` picks every stage's EMA
+    (`check_ema_decay` first, to be told which stage lacks it before anything is read)."""
     from ediff_jax.sampling import load_workdir
 
-    check_ema_decay(stages, ema_decay)
     for stage in stages:
         _, stage.exp, stage.params = load_workdir(stage.workdir, ema_decay=ema_decay)
 

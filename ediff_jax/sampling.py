@@ -21,7 +21,6 @@ from ediff_jax.paths import as_path
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
 
-
 def make_model_fn(model: nn.Module, params: Any, sigma_data: float,
                   boundaries: Any = None) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
     """D(x; sigma, cond) for the EDM samplers and `edm.guided_denoiser`.
