@@ -48,7 +48,8 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
-    packages=find_packages(include=["ediff_jax", "ediff_jax.*"]),
+    # experiments/ installs too, so its scripts import `experiments.*` without sys.path edits.
+    packages=find_packages(include=["ediff_jax", "ediff_jax.*", "experiments", "experiments.*"]),
     package_data={"ediff_jax": ["assets/text/*/*", "assets/eval/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,

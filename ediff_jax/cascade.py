@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ediff_jax import edm, logs, sr
+from ediff_jax import edm, logs, posthoc_snapshots, sr
+from ediff_jax import paint_with_words as pww
 from ediff_jax.images import ensure_writable_dir
+from ediff_jax.multidiffusion import MultiDiffusionSampler
+from ediff_jax.multidiffusion.regions import check_masks
+from ediff_jax.multidiffusion.sampler import Region, canvas_paint_cond, check_bootstrap_fraction, load_mask
 from ediff_jax.paths import as_path
+from ediff_jax.sampling import Sampler, write_samples
+from ediff_jax.workdirs import ema_field, load_workdir, read_workdir_config
 
 SR_MODES = ("full", "tiles")
 
@@ -97,31 +103,33 @@ def check_chain(stages: Sequence[Stage]) -> None:
 
 def read_stages(base_workdir: str | Path, sr_workdirs: Sequence[str | Path]) -> list[Stage]:
     """The stages' configs only (no checkpoints read), checked to chain: errors come first."""
-    from ediff_jax.sampling import read_workdir_config
 
     stages = [Stage(as_path(w), read_workdir_config(w)) for w in [base_workdir, *sr_workdirs]]
     check_chain(stages)
     return stages
 
 
-def check_ema_decay(stages: Sequence[Stage], ema_decay: float | None) -> None:
-    """Every stage keeps an EMA of `ema_decay` (None: each its default); checked before any checkpoint is read."""
-    from ediff_jax.sampling import ema_field
+def check_ema_decay(stages: Sequence[Stage], ema_decay: float | None, ema_sigma_rel: float | None = None) -> None:
+    """Every stage keeps an EMA of `ema_decay` (None: each its default), or post-hoc EMA snapshots for
+    `ema_sigma_rel`; checked before any checkpoint is read."""
 
     for stage in stages:
         try:
             ema_field(stage.config, ema_decay)
+            if ema_sigma_rel is not None:
+                if ema_decay is not None:
+                    raise ValueError("pick the EMA one way: --ema_decay or --ema_sigma_rel, not both.")
+                posthoc_snapshots.check_sigma_rel(stage.config, ema_sigma_rel)
         except ValueError as e:
             raise ValueError(f"{stage.workdir}: {e}") from None
 
 
-def load_stages(stages: Sequence[Stage], ema_decay: float | None = None) -> None:
-    """Loads each stage's experiment and EMA parameters (in place); `ema_decay` picks every stage's EMA
-    (`check_ema_decay` first, to be told which stage lacks it before anything is read)."""
-    from ediff_jax.sampling import load_workdir
+def load_stages(stages: Sequence[Stage], ema_decay: float | None = None, ema_sigma_rel: float | None = None) -> None:
+    """Loads each stage's experiment and EMA parameters (in place); `ema_decay` or `ema_sigma_rel` picks
+    every stage's EMA (`check_ema_decay` first, to be told which stage lacks it before anything is read)."""
 
     for stage in stages:
-        _, stage.exp, stage.params = load_workdir(stage.workdir, ema_decay=ema_decay)
+        _, stage.exp, stage.params = load_workdir(stage.workdir, ema_decay=ema_decay, ema_sigma_rel=ema_sigma_rel)
 
 
 def _settings(stage: Stage, given: StageSettings, index: int, base_seed: int) -> StageSettings:
@@ -150,16 +158,22 @@ def run_cascade(
     progress: bool = False,
     use_t5: bool = True,
     use_clip: bool = True,
+    regions: Sequence[Region] = (),
+    paint: Mapping[str, Any] | None = None,
+    pww_weight: float = 0.4,
+    bootstrap_fraction: float = 0.2,
 ) -> list[np.ndarray]:
     """Samples every stage in turn; returns each stage's uint8 images [N, H_k, W_k, 3].
 
     `height`/`width` (default: the base size) set the base canvas; beyond the base
-    model's size it is sampled with MultiDiffusion, and each SR stage scales it by its
-    factor. `settings[k]` holds stage k's steps, guidance, aug level and seed.
-    `use_t5`/`use_clip` drop an encoder's conditioning in every stage (eDiff-I's ablation).
+    model's size, or with `regions` (MultiDiffusion region prompts on the base canvas, masks
+    at its size), it is sampled with MultiDiffusion, and each SR stage scales it by its
+    factor. `paint` ({phrase: mask}, any size) paints every stage at its own resolution with
+    strength `pww_weight` (on canvases and tiles, each crop takes its crop of the masks).
+    `settings[k]` holds stage k's steps, guidance, aug level and seed. `use_t5`/`use_clip` drop
+    an encoder's conditioning in every stage (eDiff-I's ablation). SR stages follow the prompts,
+    not the region prompts.
     """
-    from ediff_jax.multidiffusion import MultiDiffusionSampler
-    from ediff_jax.sampling import Sampler
 
     check_chain(stages)
     if sr_mode not in SR_MODES:
@@ -170,7 +184,7 @@ def run_cascade(
     prompts = list(prompts)
     base_size = stages[0].image_size
     height, width = height or base_size, width or base_size
-    canvas = (height, width) != (base_size, base_size)
+    canvas = (height, width) != (base_size, base_size) or bool(regions)
     outputs: list[np.ndarray] = []
     for k, stage in enumerate(stages):
         s = _settings(stage, settings[k], k, seed)
@@ -179,18 +193,26 @@ def run_cascade(
         common = dict(steps=s.steps, sampler=s.sampler, sigma_data=float(stage.config.edm.sigma_data),
                       progress=progress, boundaries=stage.exp.boundaries)
         lowres = dict(lowres=outputs[-1], aug_level=s.aug_level) if k else {}
+        stage_regions = list(regions) if k == 0 else []
+        extra = None
+        if paint:  # at this stage's resolution; on a canvas each crop is cut from it
+            # SR stages see the prompts only: a phrase painted for a region prompt is skipped there.
+            extra = canvas_paint_cond(stage.exp.encoders, prompts, stage_regions, paint, (height, width), pww_weight,
+                                      only_present=bool(regions))
         if (canvas and k == 0) or (k and sr_mode == "tiles"):
             sampler = MultiDiffusionSampler(stage.exp.model, stage.exp.encoders, image_size=stage.tile_size,
                                             height=height, width=width, circular=circular, chunk_size=chunk_size,
                                             stride=stride * (stage.factor if k else 1) if stride else None,
-                                            lowres_factor=stage.factor, **common)
+                                            lowres_factor=stage.factor, bootstrap_fraction=bootstrap_fraction, **common)
+            if stage_regions:
+                lowres["regions"] = stage_regions
         else:
             sampler = Sampler(stage.exp.model, stage.exp.encoders, image_size=(height, width),
                               lowres_factor=stage.factor, mesh=stage.exp.mesh, **common)
         logs.info(f"Stage {k}: {stage.describe()} -> {height}x{width}, {s.steps} steps, guidance {s.guidance}"
-                  + (f", aug level {s.aug_level}" if k else ""))
+                  + (f", aug level {s.aug_level}" if k else "") + (", painted" if paint else ""))
         outputs.append(sampler(stage.params, prompts, guidance=s.guidance, seed=s.seed, use_t5=use_t5,
-                               use_clip=use_clip, **lowres))
+                               use_clip=use_clip, extra_cond=extra, **lowres))
     return outputs
 
 
@@ -203,20 +225,21 @@ def sample_cascade_from_workdirs(
     num: int = 1,
     out: str | Path | None = None,
     ema_decay: float | None = None,
+    ema_sigma_rel: float | None = None,
     **kwargs: Any,
 ) -> list[np.ndarray]:
     """Runs the cascade and writes each stage's PNGs, grid and prompts to out/stage{k}_{H}x{W}/.
 
-    `ema_decay` picks the EMA of that decay in every stage (each must keep it); `kwargs` go to `run_cascade`.
+    `ema_decay` picks the EMA of that decay in every stage (each must keep it), `ema_sigma_rel` the post-hoc
+    EMA of that width (each must have snapshots); `kwargs` go to `run_cascade`.
     """
-    from ediff_jax.sampling import write_samples
 
     if not prompts:
         raise ValueError("Give at least one prompt.")
     stages = read_stages(base_workdir, sr_workdirs)  # geometry errors before any checkpoint is read
     if len(settings) > len(stages):
         raise ValueError(f"Got settings for {len(settings)} stages but only {len(stages)} workdirs.")
-    check_ema_decay(stages, ema_decay)
+    check_ema_decay(stages, ema_decay, ema_sigma_rel)
     for k, stage in enumerate(stages):  # each stage's sampler and steps, before any checkpoint is read
         given = settings[k] if k < len(settings) else StageSettings()
         chosen = _settings(stage, given, k, 0)
@@ -224,12 +247,21 @@ def sample_cascade_from_workdirs(
             edm.check_sampler(chosen.sampler, chosen.steps)
         except ValueError as e:
             raise ValueError(f"Stage {k} ({stage.workdir}): {e}") from None
+    base = stages[0].image_size
+    height, width = kwargs.get("height") or base, kwargs.get("width") or base
+    regions = [(p, load_mask(m, height, width) if isinstance(m, (str, Path)) else m) for p, m in kwargs.pop("regions", ())]
+    check_masks([m for _, m in regions], height, width, [p for p, _ in regions])
+    check_bootstrap_fraction(kwargs.get("bootstrap_fraction", 0.2))
+    paint = kwargs.pop("paint", None) or {}
+    raw_paint = {phrase: pww.load_mask(m, None, what=repr(phrase)) for phrase, m in paint.items()}
     out = ensure_writable_dir(out or as_path(base_workdir) / "cascade")
-    load_stages(stages, ema_decay)
+    load_stages(stages, ema_decay, ema_sigma_rel)
     expanded = [p for p in prompts for _ in range(num)]
-    outputs = run_cascade(stages, expanded, settings, progress=True, **kwargs)
+    outputs = run_cascade(stages, expanded, settings, progress=True, regions=regions, paint=raw_paint or None, **kwargs)
     for k, images in enumerate(outputs):
         stage_dir = ensure_writable_dir(out / f"stage{k}_{images.shape[1]}x{images.shape[2]}")
         cols = num if images.shape[2] <= 2 * images.shape[1] else 1
-        write_samples(images, stage_dir, num, list(prompts), cols=cols)
+        write_samples(images, stage_dir, num, list(prompts) + [f"region: {p}" for p, _ in regions], cols=cols)
+        if paint:
+            pww.write_paint_record(stage_dir, paint, raw_paint, images.shape[1:3], kwargs.get("pww_weight", 0.4))
     return outputs

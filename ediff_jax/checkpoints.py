@@ -19,7 +19,6 @@ import orbax.checkpoint as ocp
 
 from ediff_jax.paths import as_path
 
-
 # Metadata that legitimately changes during a run (e.g. the current expert phase).
 PROGRESS_KEYS = ("progress",)
 
@@ -76,8 +75,11 @@ class Checkpointer:
     """`read_only=True` (sampling, evaluation): nothing inside `checkpoints/` is created,
     cleaned up, renamed or written."""
 
-    def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True, read_only: bool = False):
-        self.directory = as_path(workdir) / "checkpoints"
+    def __init__(self, workdir: str | os.PathLike, keep: int | None = 3, async_save: bool = True,
+                 read_only: bool = False, subdir: str = "checkpoints"):
+        """`keep`: newest steps kept (None: all); `subdir`: the folder under the workdir (post-hoc EMA
+        snapshots live beside the checkpoints, in `posthoc_ema/`)."""
+        self.directory = as_path(workdir) / subdir
         self.read_only = read_only
         with _quiet_orbax_read_only():
             if read_only:

@@ -7,6 +7,7 @@ of `key=value` variants (e.g. `configs/base64.py:size=tiny`).
 from __future__ import annotations
 
 import difflib
+import math
 
 import ml_collections
 
@@ -142,8 +143,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.experts.phase_steps = ()
     # How the per-expert update runs over the stacked expert axis: "vmap" (one batched
     # program), "unroll" (E single-model updates in one program), "scan" (lax.map, least
-    # memory) or "auto": unroll on CPU, where vmapped (grouped) convolutions measured 0.4x
-    # the single model's throughput per sample and unroll 1.17x (BENCHMARKS.md), else vmap.
+    # memory) or "auto": unroll on CPU, where vmapped (grouped) convolutions are slow
+    # (BENCHMARKS.md, "Expert ensemble"), else vmap.
     c.experts.train_map = "auto"
 
     c.mesh = ml_collections.ConfigDict()
@@ -172,6 +173,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Further EMAs kept in the train state, sharded like the parameters; sample with one by
     # `python -m ediff_jax.sample --ema_decay D`.
     c.train.extra_ema_decays = ()
+    # Post-hoc EMA (EDM2): power-function EMAs of these exponents (gamma; EDM2 tracks sigma_rel
+    # 0.05 and 0.10, i.e. gamma 16.97 and 6.94) are tracked in the train state and saved every
+    # `every` steps to WORKDIR/posthoc_ema; `python -m ediff_jax.sample --ema_sigma_rel S`
+    # reconstructs the EMA of any width S from them. () turns it off.
+    c.train.posthoc_ema = ml_collections.ConfigDict(dict(gammas=(), every=0))
     c.train.grad_accum = 1  # micro-batches per step (the batch is split, gradients averaged)
     # NaN/Inf in the loss or gradients: stop naming the step (False), or skip that update
     # and count it in the metrics (True).
@@ -244,6 +250,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "of ediff_jax/config_utils.py:base_config()."
         )
     _check_drop_rates(config.text.drop_rates)
+    _check_posthoc_ema(config.train.posthoc_ema, config.experts.phases)
+
+
+def _check_posthoc_ema(posthoc: ml_collections.ConfigDict, expert_phases: tuple = ()) -> None:
+    """Power-EMA exponents are finite, > -1 and distinct, and snapshots have an interval."""
+    gammas = [float(g) for g in posthoc.gammas]
+    if not gammas:
+        return
+    if len(expert_phases) > 1:
+        raise ValueError("config.train.posthoc_ema does not combine with expert branching (several "
+                         "config.experts.phases) yet: snapshots taken before a branch hold other experts than those "
+                         "after it. Use extra_ema_decays for ensembles, or posthoc_ema with one phase.")
+    if any(not math.isfinite(g) or g <= -1.0 for g in gammas) or len(set(gammas)) != len(gammas):
+        raise ValueError(f"config.train.posthoc_ema.gammas={tuple(posthoc.gammas)} must be distinct finite numbers "
+                         "> -1 (EDM2's pair is (16.97, 6.94): sigma_rel 0.05 and 0.10).")
+    if int(posthoc.every) < 1:
+        raise ValueError(f"config.train.posthoc_ema.every={posthoc.every}: with gammas set, give the snapshot "
+                         "interval in steps (>= 1), e.g. every=500.")
 
 
 def _check_drop_rates(rates: ml_collections.ConfigDict) -> None:

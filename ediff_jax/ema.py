@@ -12,7 +12,7 @@ weights ~ tau^gamma (its "profile"); its width is given as sigma_rel, the profil
 standard deviation relative to t, which does not depend on the training length.
 
 Step convention: `step` is the trainer's 0-based `state.step` of the update that produced
-`params` (as in `trainer.ema_decay_at`); after it, the EMA has averaged t = step + 1
+`params` (as in `training.step.ema_decay_at`); after it, the EMA has averaged t = step + 1
 parameter vectors, and a snapshot taken then is recorded with `t` (= the new
 `state.step`), which is what `solve_posthoc_coefficients` expects.
 """
@@ -32,7 +32,7 @@ MAX_SIGMA_REL = 0.30028
 def warmup_decay(step: jax.Array | int, decay: float) -> jax.Array:
     """EMA decay with warm-up, (1+t)/(10+t) capped at `decay`: short runs still average.
 
-    The same formula as `trainer.ema_decay_at` (which may delegate here).
+    The trainer's EMAs use it (`ema_step`; `training.step.ema_decay_at` delegates here).
     """
     t = jnp.asarray(step).astype(jnp.float32)
     return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
@@ -50,6 +50,16 @@ def init_emas(params: Any, decays: Mapping[str, float]) -> dict[str, Any]:
     return {name: params for name in decays}
 
 
+def ema_step(average: Any, params: Any, step: jax.Array | int, decay: float) -> Any:
+    """One update of one EMA: `d * average + (1 - d) * params` with the warm-up decay d.
+
+    The trainer's EMAs (`ema_params` and `extra_emas`) are updated with this, so training and
+    `ema_update` compute the same averages.
+    """
+    d = warmup_decay(step, float(decay))
+    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), average, params)
+
+
 def ema_update(ema_by_name: Mapping[str, Any], params: Any, step: jax.Array | int,
                decays: Mapping[str, float]) -> dict[str, Any]:
     """Updates every EMA in `ema_by_name` with its own decay from `decays` (same keys).
@@ -63,11 +73,7 @@ def ema_update(ema_by_name: Mapping[str, Any], params: Any, step: jax.Array | in
             "create the trees with init_emas(params, decays)."
         )
     _check_decays(decays)
-    out = {}
-    for name, ema in ema_by_name.items():
-        d = warmup_decay(step, float(decays[name]))
-        out[name] = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
-    return out
+    return {name: ema_step(ema, params, step, decays[name]) for name, ema in ema_by_name.items()}
 
 
 # ----------------------------------------------------------------------------- power EMA

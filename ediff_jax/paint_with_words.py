@@ -30,10 +30,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from ediff_jax.images import ensure_writable_dir, make_grid, save_png
 from ediff_jax.models.pww_bias import MODES, pool_masks, pww_bias  # noqa: F401  (this module's public API)
 from ediff_jax.paths import as_path
 
@@ -167,7 +166,15 @@ def context_length(encoders: Any) -> int:
     return int(encoders.t5_max_length) + int(encoders.clip_max_length) + 1
 
 
-def token_masks(encoders: Any, prompt: str, paint: Paint, image_size: int | Sequence[int]) -> np.ndarray:
+def phrase_in_prompt(encoders: Any, prompt: str, phrase: str) -> bool:
+    """Whether `phrase` occurs, token for token, in `prompt` as the T5 encoder sees it."""
+    target = list(encoders.t5_tokenizer(phrase, add_special_tokens=False)["input_ids"])
+    ids = list(encoders.t5_tokenizer(prompt, truncation=False)["input_ids"])
+    return bool(target) and any(ids[i:i + len(target)] == target for i in range(len(ids) - len(target) + 1))
+
+
+def token_masks(encoders: Any, prompt: str, paint: Paint, image_size: int | Sequence[int],
+                only_present: bool = False) -> np.ndarray:
     """Per-token masks [H, W, L] of one prompt, in the UNet's context order.
 
     Slot j of the last axis is token j of the context [T5 (t5_max_length) ; CLIP
@@ -175,12 +182,15 @@ def token_masks(encoders: Any, prompt: str, paint: Paint, image_size: int | Sequ
     sequences (special, padding and null tokens stay 0; tokens of overlapping phrases take
     the maximum). `image_size` is normally the image resolution; the UNet pools to every
     cross-attention resolution, so for large images the largest cross-attention resolution
-    suffices and saves memory.
+    suffices and saves memory. A phrase missing from the prompt is an error, unless
+    `only_present` (a canvas with region prompts: each prompt takes the phrases it has).
     """
     h, w = _size(image_size)
     lt, lc = int(encoders.t5_max_length), int(encoders.clip_max_length)
     out = np.zeros((h, w, lt + lc + 1), np.float32)
     for phrase, mask in paint.items():
+        if only_present and not phrase_in_prompt(encoders, prompt, phrase):
+            continue
         region = load_mask(mask, (h, w), what=repr(phrase))
         for tokenizer, max_length, offset, name in (
             (encoders.t5_tokenizer, lt, 0, "T5"),
@@ -197,11 +207,14 @@ def pww_cond(
     paint: Paint | Sequence[Paint],
     image_size: int | Sequence[int],
     weight: float | Sequence[float] = 0.4,
+    only_present: bool = False,
 ) -> dict[str, np.ndarray]:
     """`extra_cond` for `Sampler`: {"pww_mask": [N, H, W, L], "pww_weight": [N]} (float32).
 
     `paint` is one `{phrase: mask}` for every prompt, or one per prompt (an empty mapping
-    leaves that prompt unpainted). `weight` is w', one for all or one per prompt.
+    leaves that prompt unpainted). `weight` is w', one for all or one per prompt. On a
+    MultiDiffusion canvas, `image_size` is the canvas's (H, W) (the sampler cuts each crop's
+    masks); with region prompts, `only_present` paints each prompt with the phrases it has.
     """
     prompts = [str(p) for p in prompts]
     paints = [paint] * len(prompts) if isinstance(paint, Mapping) else list(paint)
@@ -215,7 +228,7 @@ def pww_cond(
     for prompt, p in zip(prompts, paints):
         key = (prompt, id(p))
         if key not in cache:
-            cache[key] = token_masks(encoders, prompt, p, image_size)
+            cache[key] = token_masks(encoders, prompt, p, image_size, only_present)
         masks.append(cache[key])
     return {"pww_mask": np.stack(masks), "pww_weight": weights}
 
@@ -255,14 +268,15 @@ def sample_with_paint(
     use_clip: bool = True,
     ema_decay: float | None = None,
     progress: bool = True,
+    ema_sigma_rel: float | None = None,
 ) -> np.ndarray:
-    """`sampling.sample_from_workdir` with paint-with-words; also writes `masks.png`.
+    """`generation.sample_from_workdir` with paint-with-words; also writes `masks.png`.
 
     The same painting applies to every prompt. Mask files are read (and checked) before
     the model is loaded.
     """
-    from ediff_jax.images import ensure_writable_dir, make_grid, save_png
-    from ediff_jax.sampling import sample_from_workdir
+
+    from ediff_jax.generation import sample_from_workdir  # deferred: the mask helpers load no training stack
 
     if not prompts:
         raise ValueError("Give at least one prompt.")
@@ -276,10 +290,17 @@ def sample_with_paint(
 
     images = sample_from_workdir(workdir, prompts, num=num, guidance=guidance, steps=steps, seed=seed,
                                  sampler=sampler, out=out, use_t5=use_t5, use_clip=use_clip, ema_decay=ema_decay,
+                                 ema_sigma_rel=ema_sigma_rel,
                                  progress=progress, extra_cond_fn=painted)
-    regions = np.stack([load_mask(m, images.shape[1]) for m in raw.values()])
+    write_paint_record(out, paint, raw, images.shape[1:3], weight)
+    return images
+
+
+def write_paint_record(out: Path, paint: Paint, raw: Mapping[str, np.ndarray], size: tuple[int, int],
+                       weight: float) -> None:
+    """`masks.png` (each phrase's mask at the output's size) and `paint.txt` (phrase=mask file, w') beside samples."""
+    regions = np.stack([load_mask(m, tuple(size)) for m in raw.values()])
     save_png(make_grid(np.repeat(np.round(regions * 255).astype(np.uint8)[..., None], 3, -1)), out / "masks.png",
-             upscale=max(1, 128 // images.shape[1]))
+             upscale=max(1, 128 // int(size[0])))
     (out / "paint.txt").write_text("".join(f"{phrase}={mask if isinstance(mask, (str, os.PathLike)) else '<array>'}\n"
                                            for phrase, mask in paint.items()) + f"pww_weight={weight}\n")
-    return images

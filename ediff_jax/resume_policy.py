@@ -49,6 +49,8 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     ("sharding", FREE),
     ("train.batch_size", MUST_MATCH),  # exact data resume: step k starts at example k * batch
     ("train.extra_ema_decays", MUST_MATCH),  # the EMAs are part of the checkpoint
+    ("train.posthoc_ema.gammas", MUST_MATCH),  # the power EMAs are part of the checkpoint
+    ("train.posthoc_ema.every", WARN),  # snapshots before and after keep their own steps
     ("train.allow_resume_change", FREE),
     ("train.take_over_workdir", FREE),
     ("train.log_mfu", FREE),
@@ -110,6 +112,9 @@ def compare(old: Mapping[str, Any], new: Mapping[str, Any], allowed: list[str] =
 
 
 def _why(key: str) -> str:
+    if key == "train.posthoc_ema.gammas":
+        return (" (the checkpoint holds exactly the power EMAs it was trained with; they cannot be added or removed "
+                "mid-run: their averages start at step 0. Start a new --workdir)")
     if key == "train.extra_ema_decays":
         return (" (the checkpoint holds exactly the EMAs it was trained with; an EMA cannot be added or removed "
                 "mid-run. Sample with those it has, or start a new --workdir)")

@@ -7,11 +7,14 @@ Writes one PNG per image and a grid (a row per prompt) into --out (default DIR/s
 Cascade (eDiff-I's text -> 64 -> 256 -> 1024): add one `--sr_workdir` per SR stage, in
 order of resolution; `--sr_steps/--sr_guidance/--aug_level/--sr_seed` give per-SR-stage
 values (repeat the flag per stage). Each stage's PNGs go to OUT/stage{k}_{H}x{W}/. With
---height/--width the base canvas is a MultiDiffusion panorama, upsampled by the SR
-stages fully convolutionally (--sr_mode full) or as tiles (--sr_mode tiles).
+--height/--width (or --region) the base canvas is a MultiDiffusion panorama, upsampled by the SR
+stages fully convolutionally (--sr_mode full) or as tiles (--sr_mode tiles); --paint paints
+every stage at its own resolution.
 
 Paint-with-words: `--paint "red circle=left.png" --paint "blue square=right.png" --pww-weight 0.4`
-places each phrase of the prompt in its painted (white) region; masks are PNGs of any size.
+places each phrase of the prompt in its painted (white) region; masks are PNGs of any size. On a
+canvas (--height/--width/--region) the masks are stretched to the canvas and each crop is
+conditioned on its own crop of them; with --region prompts each prompt takes the phrases it has.
 
 The flags choose one mode (plain, paint, canvas, cascade; `MODE_FLAGS`). A flag the chosen
 mode does not read is refused with one line, never dropped.
@@ -37,6 +40,8 @@ flags.DEFINE_string("sampler", None, "heun, euler or dpmpp_2m (default: the conf
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/samples).")
 flags.DEFINE_float("ema_decay", None, "Which EMA of the weights to sample with (default: config.train.ema_decay; "
                    "others: config.train.extra_ema_decays).")
+flags.DEFINE_float("ema_sigma_rel", None, "Post-hoc EMA (EDM2): reconstruct the EMA of this relative width, e.g. "
+                   "0.05-0.15, from the run's snapshots (config.train.posthoc_ema); excludes --ema_decay.")
 flags.DEFINE_bool("use_t5", True, "Condition on T5 (False: CLIP only).")
 flags.DEFINE_bool("use_clip", True, "Condition on CLIP (False: T5 only).")
 flags.DEFINE_multi_string("paint", None, "Paint-with-words: 'PHRASE=MASK.png' (PNG of any size, white = the "
@@ -80,6 +85,7 @@ FLAG_RANGES = {
     "bootstrap": (lambda v: 0 <= v <= 1, "a fraction of the steps in [0, 1], e.g. --bootstrap 0.2"),
     "pww_weight": (math.isfinite, "a finite number, e.g. --pww_weight 0.4 (0: off)"),
     "ema_decay": (lambda v: 0 < v < 1, "an EMA decay in (0, 1) that the workdir keeps; leave it out for the default"),
+    "ema_sigma_rel": (lambda v: 0 < v <= 0.30028, "a relative EMA width in (0, 0.30028], e.g. --ema_sigma_rel 0.1"),
 }
 
 
@@ -94,14 +100,14 @@ def check_flags() -> None:
 
 # What each mode reads. Every mode reads COMMON_FLAGS; a flag a mode does not read is refused
 # (`refuse_unread_flags`), so no flag is silently ignored.
-COMMON_FLAGS = ("workdir", "prompt", "num", "guidance", "steps", "seed", "sampler", "out", "ema_decay", "use_t5",
-                "use_clip")
+COMMON_FLAGS = ("workdir", "prompt", "num", "guidance", "steps", "seed", "sampler", "out", "ema_decay",
+                "ema_sigma_rel", "use_t5", "use_clip")
 MODE_FLAGS = {
     "image": (),
     "paint": ("paint", "pww_weight"),
-    "canvas": ("height", "width", "stride", "circular", "region", "chunk_size", "bootstrap"),
+    "canvas": ("height", "width", "stride", "circular", "region", "chunk_size", "bootstrap", "paint", "pww_weight"),
     "cascade": ("sr_workdir", "sr_steps", "sr_guidance", "aug_level", "sr_seed", "sr_mode", "height", "width",
-                "stride", "circular", "chunk_size"),
+                "stride", "circular", "chunk_size", "region", "bootstrap", "paint", "pww_weight"),
 }
 MODE_NAMES = {"image": "plain sampling", "paint": "paint-with-words", "canvas": "a MultiDiffusion canvas",
               "cascade": "a cascade"}
@@ -121,9 +127,12 @@ def sample_mode() -> str:
 
 def conditional_refusal(mode: str, name: str) -> str | None:
     """Why `mode` does not read `name` in this combination of flags, when it reads it in others."""
-    if mode == "canvas" and name == "bootstrap" and not FLAGS.region:
+    if mode in ("canvas", "cascade") and name == "bootstrap" and not FLAGS.region:
         return "--bootstrap acts on --region prompts only: add --region or drop --bootstrap."
-    canvas_in_cascade = FLAGS.height is not None or FLAGS.width is not None or FLAGS.sr_mode == "tiles"
+    if mode in ("canvas", "cascade") and name == "pww_weight" and not FLAGS.paint:
+        return "--pww_weight is the strength of --paint: add --paint 'PHRASE=MASK.png' or drop --pww_weight."
+    canvas_in_cascade = (FLAGS.height is not None or FLAGS.width is not None or FLAGS.sr_mode == "tiles"
+                         or bool(FLAGS.region))
     if mode == "cascade" and name in ("stride", "circular", "chunk_size") and not canvas_in_cascade:
         return (f"--{name} sets up MultiDiffusion crops, and this cascade samples none: add --height/--width (a "
                 f"panorama) or --sr_mode tiles, or drop --{name}.")
@@ -161,6 +170,8 @@ def _per_stage(values: list | None, count: int, name: str) -> list:
 
 def run_cascade_flags(out: str) -> None:
     from ediff_jax.cascade import StageSettings, sample_cascade_from_workdirs
+    from ediff_jax.multidiffusion import parse_region
+    from ediff_jax.paint_with_words import parse_paint
 
     n = len(FLAGS.sr_workdir)
     per = zip(_per_stage(FLAGS.sr_steps, n, "sr_steps"), _per_stage(FLAGS.sr_guidance, n, "sr_guidance"),
@@ -171,8 +182,9 @@ def run_cascade_flags(out: str) -> None:
     outputs = sample_cascade_from_workdirs(
         FLAGS.workdir, FLAGS.sr_workdir, FLAGS.prompt, settings, num=FLAGS.num, out=out, height=FLAGS.height,
         width=FLAGS.width, stride=FLAGS.stride, circular=FLAGS.circular, sr_mode=FLAGS.sr_mode,
-        chunk_size=FLAGS.chunk_size, seed=FLAGS.seed, ema_decay=FLAGS.ema_decay, use_t5=FLAGS.use_t5,
-        use_clip=FLAGS.use_clip,
+        chunk_size=FLAGS.chunk_size, seed=FLAGS.seed, ema_decay=FLAGS.ema_decay, ema_sigma_rel=FLAGS.ema_sigma_rel,
+        use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, regions=[parse_region(r) for r in FLAGS.region or []],
+        paint=parse_paint(FLAGS.paint) or None, pww_weight=FLAGS.pww_weight, bootstrap_fraction=FLAGS.bootstrap,
     )
     sizes = ", ".join(f"{o.shape[1]}x{o.shape[2]}" for o in outputs)
     print(f"Wrote {len(outputs[-1])} images per stage ({sizes}) to {out}/stage*/.")
@@ -182,7 +194,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         logs.fail(f"unexpected arguments {argv[1:]}: quote a prompt of several words, e.g. --prompt \"a red circle\".")
     logs.quiet_library_logs()
-    from ediff_jax.checkpoints import CheckpointReadError  # deferred: orbax is slow to import
+    from ediff_jax.checkpoints import (
+        CheckpointReadError,  # deferred: orbax is slow to import
+    )
 
     # The user's input, and a checkpoint that fails to read (OOM, storage): one line, no traceback.
     with logs.user_errors(ValueError, FileNotFoundError, CheckpointReadError):
@@ -191,7 +205,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    from ediff_jax.sampling import sample_from_workdir  # deferred so --help is fast
+    from ediff_jax.generation import sample_from_workdir  # deferred so --help is fast
 
     out = FLAGS.out or f"{FLAGS.workdir}/samples"
     mode = sample_mode()
@@ -200,29 +214,32 @@ def run() -> None:
         run_cascade_flags(out)
     elif mode == "canvas":
         from ediff_jax.multidiffusion import parse_region, sample_canvas_from_workdir
+        from ediff_jax.paint_with_words import parse_paint
 
         images = sample_canvas_from_workdir(
             FLAGS.workdir, FLAGS.prompt, height=FLAGS.height, width=FLAGS.width, stride=FLAGS.stride,
             circular=FLAGS.circular, regions=[parse_region(r) for r in FLAGS.region or []], num=FLAGS.num,
             guidance=FLAGS.guidance, steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler, out=out,
             use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, chunk_size=FLAGS.chunk_size,
-            bootstrap_fraction=FLAGS.bootstrap, ema_decay=FLAGS.ema_decay,
+            bootstrap_fraction=FLAGS.bootstrap, ema_decay=FLAGS.ema_decay, ema_sigma_rel=FLAGS.ema_sigma_rel,
+            paint=parse_paint(FLAGS.paint) or None, pww_weight=FLAGS.pww_weight,
         )
-        print(f"Wrote {len(images)} canvases and grid.png to {out}.")
+        painted = ", masks.png" if FLAGS.paint else ""
+        print(f"Wrote {len(images)} canvases, grid.png{painted} to {out}.")
     elif mode == "paint":
         from ediff_jax.paint_with_words import parse_paint, sample_with_paint
 
         images = sample_with_paint(
             FLAGS.workdir, FLAGS.prompt, parse_paint(FLAGS.paint), weight=FLAGS.pww_weight, num=FLAGS.num,
             guidance=FLAGS.guidance, steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler, out=out,
-            use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, ema_decay=FLAGS.ema_decay,
+            use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, ema_decay=FLAGS.ema_decay, ema_sigma_rel=FLAGS.ema_sigma_rel,
         )
         print(f"Wrote {len(images)} painted images, grid.png and masks.png to {out}.")
     else:
         images = sample_from_workdir(
             FLAGS.workdir, FLAGS.prompt, num=FLAGS.num, guidance=FLAGS.guidance, steps=FLAGS.steps,
             seed=FLAGS.seed, sampler=FLAGS.sampler, out=out, use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip,
-            ema_decay=FLAGS.ema_decay,
+            ema_decay=FLAGS.ema_decay, ema_sigma_rel=FLAGS.ema_sigma_rel,
         )
         print(f"Wrote {len(images)} images and grid.png to {out}.")
 

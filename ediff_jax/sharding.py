@@ -300,7 +300,7 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, param_spe
 def train_state_shardings(abstract_state: Any, rules: Iterable[Any], mesh: Mesh, *, params_field: str = "params",
                           opt_state_field: str = "opt_state", optimizer: optax.GradientTransformation | None = None,
                           **spec_kwargs: Any) -> Any:
-    """Shardings for a train-state dataclass (e.g. trainer.TrainState): the whole state in one call.
+    """Shardings for a train-state dataclass (e.g. training.TrainState): the whole state in one call.
 
     `params_field` is sharded by the rules; `opt_state_field` by `opt_state_shardings`;
     every other field (EMA params or a dict of EMAs, snapshots) mirrors the parameters

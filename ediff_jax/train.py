@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         logs.fail(f"unexpected arguments {argv[1:]}: every setting is a flag, e.g. --config.train.lr=3e-4.")
     logs.quiet_library_logs()
-    from ediff_jax import distributed, trainer  # deferred so --help is fast
+    from ediff_jax import distributed, training  # deferred so --help is fast
     from ediff_jax.checkpoints import CheckpointReadError
     from ediff_jax.workdir_lock import WorkdirLockedError
 
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
     # missing file, NaN/Inf, a workdir another trainer holds, a checkpoint that fails to read.
     with logs.user_errors(ValueError, FloatingPointError, FileNotFoundError, WorkdirLockedError, CheckpointReadError):
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -22,11 +22,8 @@ the mean colour mass in pixels).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.ablations import common
 
 import numpy as np

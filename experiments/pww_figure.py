@@ -11,13 +11,10 @@ square bottom left. One compiled sampler serves both rows (w' is a runtime input
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.ablations import common
 
 PROMPT = "a red circle and a blue square"

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's ediff_jax, not another install
 
 import numpy as np
 
@@ -148,7 +147,7 @@ def _smoke_setup():
 
 
 def _workdir_setup(workdir: str):
-    from ediff_jax.sampling import load_workdir
+    from ediff_jax.workdirs import load_workdir
 
     config, exp, params = load_workdir(workdir)
     settings = {"image_size": int(config.data.image_size), "steps": int(config.sample.steps),

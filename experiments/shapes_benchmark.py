@@ -28,8 +28,7 @@ A workdir that already holds checkpoints is evaluated as it is (a run stopped by
 box included); without checkpoints the config is trained first (`/usr/bin/time` around
 this script gives the training's wall time; the trainer's log prints it too).
 
-CPU time (the project's 2-core VM), measured: `--smoke` from scratch 30-40 s; scoring the
-60-minute run with the defaults: see BENCHMARKS.md.
+Run times on the 2-core VM (`--smoke`, scoring the 60-minute run): BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -39,8 +38,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.ablations import common
 
 CONFIG = common.REPO / "configs" / "shapes_benchmark.py"

@@ -46,13 +46,14 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from ediff_jax import edm, trainer
+from ediff_jax import edm, training
 from ediff_jax.checkpoints import kept_steps
 from ediff_jax.config_utils import load_config
 from ediff_jax.data.photos import HELDOUT_PHOTOS, PHOTOS, load_photo, photo_caption
 from ediff_jax.images import save_png, to_uint8
 from ediff_jax.multidiffusion import MultiDiffusionSampler
-from ediff_jax.sampling import Sampler, load_workdir, make_model_fn
+from ediff_jax.sampling import Sampler, make_model_fn
+from ediff_jax.workdirs import load_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,7 +216,7 @@ def main() -> None:
         if args.smoke:
             config.model.channels = 8
             config.sample.prompts = ()
-        trainer.train_and_evaluate(config, workdir)
+        training.train_and_evaluate(config, workdir)
         print(f"trained in {time.perf_counter() - t:.0f} s")
     steps, max_side = (2, 64) if args.smoke else (args.steps, args.max_side)
     evaluate(workdir, steps=steps, max_side=max_side, sigma_starts=tuple(args.sigma_start), whole=args.whole,

@@ -3,7 +3,7 @@
 import os
 
 # Tiny test programs mostly compile: skipping LLVM's optimisation passes (same semantics,
-# slower code) speeds the compile-bound tests and slows the run-bound ones, about 30 s net.
+# slower code) speeds the compile-bound tests and slows the run-bound ones: a net gain for this suite.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -13,7 +13,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def shapes_data_dir(tmp_path_factory) -> str:
-    """`ediff_shapes/32` prepared once per test session (about 10 s) in a temporary data_dir."""
+    """`ediff_shapes/32` prepared once per test session in a temporary data_dir."""
     from ediff_jax.data import pipeline
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ediff_jax.config_utils import load_config, parse_arg
-from ediff_jax.sampling import read_workdir_config
+from ediff_jax.workdirs import read_workdir_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}

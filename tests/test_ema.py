@@ -18,7 +18,7 @@ def params_at(step: int) -> dict:
 
 def test_warmup_decay_matches_trainer():
     """The multi-decay EMA uses exactly the trainer's warm-up decay schedule."""
-    from ediff_jax.trainer import ema_decay_at
+    from ediff_jax.training import ema_decay_at
 
     for step in (0, 1, 5, 100, 10_000, 1_000_000):
         for decay in (0.9, 0.999, 0.9999):
@@ -182,3 +182,51 @@ def test_posthoc_inputs_are_validated():
     with pytest.raises(ValueError, match="one coefficient per snapshot"):
         ema.reconstruct_ema([{"x": jnp.zeros(())}], [0.5, 0.5])
     assert ema.snapshot_due(500, 250) and not ema.snapshot_due(499, 250)
+
+
+# ----------------------------------------------------------------------------- post-hoc EMA, wired in
+
+
+@pytest.mark.slow
+def test_posthoc_ema_of_a_training_run_matches_the_tracked_power_ema(shapes_data_dir, tmp_path):
+    """Training saves power-EMA snapshots (sigma_rel 0.05 and 0.20) every 4 steps; sampling's
+    `load_workdir(ema_sigma_rel=0.12)` reconstructs from them the EMA that a second run of the
+    same (deterministic) training tracked directly with sigma_rel 0.12, far closer than either
+    tracked EMA is to it."""
+    from helpers import tiny_train_config
+
+    from ediff_jax import training
+    from ediff_jax.workdirs import load_workdir
+
+    steps, target = 40, 0.12
+
+    def run(name, sigma_rels, every):
+        c = tiny_train_config(shapes_data_dir, num_steps=steps)
+        c.train.posthoc_ema.gammas = tuple(float(ema.sigma_rel_to_gamma(s)) for s in sigma_rels)
+        c.train.posthoc_ema.every = every
+        return training.train_and_evaluate(c, tmp_path / name)
+
+    snapshotted = run("snapshots", (0.05, 0.20), 4)
+    tracked = run("tracked", (target,), steps)
+    assert sorted(int(p.name) for p in (tmp_path / "snapshots" / "posthoc_ema").iterdir() if p.name.isdigit()) == \
+        list(range(4, steps + 1, 4))
+    _, exp, recon = load_workdir(tmp_path / "snapshots", ema_sigma_rel=target)
+    assert exp.restored_step == steps
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(tree))])
+    direct = flat(tracked.power_emas[0])
+    np.testing.assert_allclose(flat(tracked.params), flat(snapshotted.params), rtol=1e-5, atol=1e-6)  # same training
+    err = np.linalg.norm(flat(recon) - direct)
+    nearest = min(np.linalg.norm(flat(e) - direct) for e in snapshotted.power_emas)
+    assert err < 0.1 * nearest, (err, nearest)
+    with pytest.raises(ValueError, match="needs post-hoc EMA snapshots, and this workdir's run kept none"):
+        load_workdir(_no_posthoc_workdir(shapes_data_dir, tmp_path), ema_sigma_rel=target)
+
+
+def _no_posthoc_workdir(shapes_data_dir, tmp_path):
+    """A workdir whose config keeps no power EMAs (only config.json: refused before any checkpoint is read)."""
+    from helpers import tiny_train_config
+
+    workdir = tmp_path / "plain"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(tiny_train_config(shapes_data_dir).to_json_best_effort())
+    return workdir

@@ -14,6 +14,7 @@ import pytest
 
 from ediff_jax.data.shapes import RELATION_THRESHOLD, caption_scene, sample_scene
 from ediff_jax.eval.prompts import parse_prompt
+from ediff_jax import hf_checkpoint
 from ediff_jax.text import loading
 from ediff_jax.text.build_default_assets import CLIP_NAME, T5_NAME, clip_text_config, t5_encoder_config
 from ediff_jax.text.clip import CLIPTextEncoder
@@ -219,7 +220,7 @@ def builtin_copy(tmp_path, monkeypatch):
     root = tmp_path / "assets"
     for name in (T5_NAME, CLIP_NAME):
         shutil.copytree(loading.resolve_text_path(f"builtin:{name}"), root / name)
-    monkeypatch.setattr(loading, "_BUILTIN_ROOT", root)
+    monkeypatch.setattr(hf_checkpoint, "_BUILTIN_ROOT", root)
     return root
 
 
@@ -307,8 +308,8 @@ def test_weights_fingerprint_is_exact_for_small_files_and_sampled_for_large_ones
     save_file({"w": np.arange(4096, dtype=np.float32)}, tmp_path / "model.safetensors")
     data = (tmp_path / "model.safetensors").read_bytes()
     assert loading.weights_fingerprint(tmp_path) == hashlib.sha256(data).hexdigest()
-    monkeypatch.setattr(loading, "FULL_HASH_MAX_BYTES", 1024)
-    monkeypatch.setattr(loading, "_SAMPLE_BYTES", 64)
+    monkeypatch.setattr(hf_checkpoint, "FULL_HASH_MAX_BYTES", 1024)
+    monkeypatch.setattr(hf_checkpoint, "_SAMPLE_BYTES", 64)
     sampled = loading.weights_fingerprint(tmp_path)
     assert sampled != hashlib.sha256(data).hexdigest()
     changed = bytearray(data)

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ediff_jax import edm, experts, trainer
+from ediff_jax import edm, experts, training
 from ediff_jax.checkpoints import CheckpointMismatchError
 from ediff_jax.config_utils import expert_schedule, load_config
-from ediff_jax.sampling import load_workdir, make_model_fn
+from ediff_jax.sampling import make_model_fn
+from ediff_jax.workdirs import load_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 BOUNDS = np.array([0.1, 1.0, 10.0], np.float32)
@@ -79,7 +80,7 @@ def exp2(shapes_data_dir):
     # One UNet level: the ensemble properties do not depend on the network, and compiling
     # vmapped expert steps dominates this file's time.
     c.model.channel_mult, c.model.attn_resolutions, c.model.cross_attn_resolutions = (1,), (), (32,)
-    return trainer.build_experiment(c)
+    return training.build_experiment(c)
 
 
 def test_identical_experts_equal_the_single_model(exp2):
@@ -97,9 +98,9 @@ def test_identical_experts_equal_the_single_model(exp2):
 
 def test_branching_preserves_the_parent(exp2):
     """Children start as exact copies of their parent: the ensemble equals the parent model."""
-    state, _ = trainer.init_train_state(exp2)
+    state, _ = training.init_train_state(exp2)
     assert experts.num_experts(state.params) == 1
-    branched, _ = trainer.branch_state(exp2, state, 1)
+    branched, _ = training.branch_state(exp2, state, 1)
     assert experts.num_experts(branched.params) == 2
     for child in experts.unstack_experts(branched.params) + experts.unstack_experts(branched.opt_state):
         parent = experts.unstack_experts(state.params if "conv_in" in child else state.opt_state)[0]
@@ -118,8 +119,8 @@ def test_vmapped_update_equals_separate_expert_updates(exp2):
     import optax
 
     exp2 = dataclasses.replace(exp2, tx=optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0)))
-    state, _ = trainer.init_train_state(exp2)
-    state, _ = trainer.branch_state(exp2, state, 1)
+    state, _ = training.init_train_state(exp2)
+    state, _ = training.branch_state(exp2, state, 1)
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), state.params)
     e, n = 2, 2
     images = jax.random.uniform(jax.random.key(4), (e, n, 32, 32, 3), minval=-1, maxval=1)
@@ -128,7 +129,7 @@ def test_vmapped_update_equals_separate_expert_updates(exp2):
     sigma = jnp.array([[0.05, 0.3], [2.0, 40.0]])
     noise = jax.random.normal(jax.random.key(5), images.shape)
     rngs = jax.random.split(jax.random.key(6), e)
-    update = trainer.make_update(exp2)
+    update = training.make_update(exp2)
     args = (params, state.opt_state, state.ema_params, images, cond, sigma, noise, rngs)
     vmapped = jax.jit(jax.vmap(update, in_axes=(0,) * 8 + (None,)))(*args, jnp.int32(3))
     for k in range(e):
@@ -163,7 +164,7 @@ def ensemble_workdir(exp2, tmp_path_factory):
     config = exp2.config.copy_and_resolve_references()
     config.sample.steps = 2
     workdir = tmp_path_factory.mktemp("ensemble") / "full"
-    state = trainer.train_and_evaluate(config, workdir)
+    state = training.train_and_evaluate(config, workdir)
     return config, workdir, state
 
 
@@ -178,15 +179,15 @@ def test_ensemble_checkpoint_carries_boundaries_and_is_refused_by_single_config(
     single.experts.phases, single.experts.phase_steps = (), ()
     shutil.copytree(workdir, tmp_path / "copy")
     with pytest.raises(CheckpointMismatchError, match="holds an ensemble of 2 experts but the config describes a single"):
-        trainer.train_and_evaluate(single, tmp_path / "copy")
+        training.train_and_evaluate(single, tmp_path / "copy")
 
 
 @pytest.mark.slow
 def test_run_stopped_at_phase_boundary_resumes_exactly(ensemble_workdir, tmp_path):
     """Stopped at the end of the shared phase and resumed, a run equals the uninterrupted one."""
     config, _, full = ensemble_workdir
-    trainer.train_and_evaluate(config, tmp_path / "split", stop_after=2)
-    resumed = trainer.train_and_evaluate(config, tmp_path / "split")
+    training.train_and_evaluate(config, tmp_path / "split", stop_after=2)
+    resumed = training.train_and_evaluate(config, tmp_path / "split")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), full.params, resumed.params)
 
 
@@ -198,8 +199,8 @@ def test_vmap_unroll_and_scan_expert_steps_agree(exp2):
     import optax
 
     sgd = dataclasses.replace(exp2, tx=optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0)))
-    state, _ = trainer.init_train_state(sgd)
-    state, _ = trainer.branch_state(sgd, state, 1)
+    state, _ = training.init_train_state(sgd)
+    state, _ = training.branch_state(sgd, state, 1)
     tokens = exp2.encoders.tokenize(["a red circle", "a blue square"] * 2)
     batch = {"image": jax.random.uniform(jax.random.key(7), (4, 32, 32, 3), minval=-1, maxval=1), **tokens}
     out = {}
@@ -208,7 +209,7 @@ def test_vmap_unroll_and_scan_expert_steps_agree(exp2):
         cfg.experts.train_map = mode
         exp = dataclasses.replace(sgd, config=cfg)
         st = jax.tree.map(jnp.copy, state)
-        out[mode] = jax.jit(trainer.make_train_step(exp, 1))(st, exp.encoders.params, batch)
+        out[mode] = jax.jit(training.make_train_step(exp, 1))(st, exp.encoders.params, batch)
     for mode in ("unroll", "scan"):
         np.testing.assert_allclose(out["vmap"][1]["loss"], out[mode][1]["loss"], rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from ediff_jax import trainer
+from ediff_jax import training
 from helpers import tiny_train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gs_workdir_trains_is_preempted_resumes_bitwise_and_samples(shapes_data_dir, gcs_bucket, tmp_path):
     from ediff_jax.checkpoints import kept_steps
-    from ediff_jax.sampling import sample_from_workdir
+    from ediff_jax.generation import sample_from_workdir
 
     config = tiny_train_config(shapes_data_dir, num_steps=6, ckpt_every=2)
     config_json = tmp_path / "config.json"
@@ -31,9 +31,9 @@ def test_gs_workdir_trains_is_preempted_resumes_bitwise_and_samples(shapes_data_
     workdir = f"{gcs_bucket}/runs/b64"
     root = epath.Path(workdir)
     driver = textwrap.dedent(f"""
-        from ediff_jax import trainer
+        from ediff_jax import training
         from ediff_jax.config_utils import config_from_json
-        trainer.train_and_evaluate(config_from_json(open({str(config_json)!r}).read()), {workdir!r})
+        training.train_and_evaluate(config_from_json(open({str(config_json)!r}).read()), {workdir!r})
     """)
     # The emulator's environment (gcs_bucket) and this process's XLA flags reach the subprocess.
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=str(tmp_path), env=dict(os.environ),
@@ -50,8 +50,8 @@ def test_gs_workdir_trains_is_preempted_resumes_bitwise_and_samples(shapes_data_
     stopped_at = kept_steps(workdir)[-1]
     assert 2 <= stopped_at < 6, output
 
-    resumed = trainer.train_and_evaluate(config, workdir)
-    straight = trainer.train_and_evaluate(config, tmp_path / "local")
+    resumed = training.train_and_evaluate(config, workdir)
+    straight = training.train_and_evaluate(config, tmp_path / "local")
     jax.tree.map(np.testing.assert_array_equal, (resumed.params, resumed.ema_params),
                  (straight.params, straight.ema_params))
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ediff_jax import cascade, multidiffusion, paint_with_words, sample, sampling
+from ediff_jax import cascade, generation, multidiffusion, paint_with_words, sample
 
 BASE = ["sample", "--workdir=W", "--prompt=a red circle", "--out=O"]
 # Every common flag at a value that is not its default.
 COMMON = ["--num=2", "--guidance=3.5", "--steps=7", "--seed=5", "--sampler=euler", "--ema_decay=0.9995",
-          "--nouse_t5", "--nouse_clip"]
+          "--ema_sigma_rel=0.1", "--nouse_t5", "--nouse_clip"]
 # One valid, non-default value per mode flag.
 VALUES = {
     "paint": "--paint=red circle=m.png", "pww_weight": "--pww_weight=1.5", "height": "--height=32",
@@ -39,7 +39,7 @@ def calls(monkeypatch):
             return [np.zeros((1, 32, 32, 3), np.uint8)] if name == "cascade" else []
         return record
 
-    monkeypatch.setattr(sampling, "sample_from_workdir", recorder("image"))
+    monkeypatch.setattr(generation, "sample_from_workdir", recorder("image"))
     monkeypatch.setattr(paint_with_words, "sample_with_paint", recorder("paint"))
     monkeypatch.setattr(multidiffusion, "sample_canvas_from_workdir", recorder("canvas"))
     monkeypatch.setattr(cascade, "sample_cascade_from_workdirs", recorder("cascade"))
@@ -62,7 +62,7 @@ def test_every_flag_of_the_cli_is_assigned_to_modes():
 
 
 COMMON_KWARGS = {"guidance": 3.5, "steps": 7, "seed": 5, "sampler": "euler", "out": "O", "ema_decay": 0.9995,
-                 "use_t5": False, "use_clip": False, "num": 2}
+                 "ema_sigma_rel": 0.1, "use_t5": False, "use_clip": False, "num": 2}
 
 
 @pytest.mark.parametrize("mode, argv, expected", [
@@ -71,7 +71,10 @@ COMMON_KWARGS = {"guidance": 3.5, "steps": 7, "seed": 5, "sampler": "euler", "ou
     ("canvas", ["--height=32", "--width=64", "--stride=8", "--circular", "--region=a cat=r.png",
                 "--chunk_size=2", "--bootstrap=0.5"],
      {"height": 32, "width": 64, "stride": 8, "circular": True, "regions": [("a cat", "r.png")], "chunk_size": 2,
-      "bootstrap_fraction": 0.5}),
+      "bootstrap_fraction": 0.5, "paint": None}),
+    # paint-with-words on a canvas (issue #17): the painting and its weight reach the canvas sampler
+    ("canvas", ["--width=64", "--region=a cat=r.png", "--paint=red circle=m.png", "--pww_weight=1.5"],
+     {"width": 64, "regions": [("a cat", "r.png")], "paint": {"red circle": "m.png"}, "pww_weight": 1.5}),
 ])
 def test_common_and_mode_flags_reach_the_sampler(calls, mode, argv, expected):
     run(COMMON + argv)
@@ -87,23 +90,26 @@ def test_common_and_mode_flags_reach_the_sampler(calls, mode, argv, expected):
 def test_cascade_flags_reach_every_stage(calls):
     """The base stage takes the common flags; ema_decay and the encoder choice reach the cascade."""
     run(COMMON + ["--sr_workdir=S", "--sr_steps=3", "--sr_guidance=1.5", "--aug_level=0.2", "--sr_seed=9",
-                  "--sr_mode=tiles", "--height=32", "--width=64", "--stride=8", "--circular", "--chunk_size=2"])
+                  "--sr_mode=tiles", "--height=32", "--width=64", "--stride=8", "--circular", "--chunk_size=2",
+                  "--region=a cat=r.png", "--bootstrap=0.5", "--paint=red circle=m.png", "--pww_weight=1.5"])
     [(name, args, kwargs)] = calls
     assert name == "cascade" and args[:3] == ("W", ["S"], ["a red circle"])
     base, sr = args[3]
     assert (base.steps, base.guidance, base.seed, base.sampler) == (7, 3.5, 5, "euler")
     assert (sr.steps, sr.guidance, sr.aug_level, sr.seed, sr.sampler) == (3, 1.5, 0.2, 9, "euler")
-    assert {k: kwargs[k] for k in ("num", "out", "ema_decay", "use_t5", "use_clip", "height", "width", "stride",
-                                   "circular", "sr_mode", "chunk_size", "seed")} == {
-        "num": 2, "out": "O", "ema_decay": 0.9995, "use_t5": False, "use_clip": False, "height": 32, "width": 64,
+    assert {k: kwargs[k] for k in ("num", "out", "ema_decay", "ema_sigma_rel", "use_t5", "use_clip", "height",
+                                   "width", "stride", "circular", "sr_mode", "chunk_size", "seed")} == {
+        "num": 2, "out": "O", "ema_decay": 0.9995, "ema_sigma_rel": 0.1, "use_t5": False, "use_clip": False,
+        "height": 32, "width": 64,
         "stride": 8, "circular": True, "sr_mode": "tiles", "chunk_size": 2, "seed": 5}
+    # a region-prompted, painted panorama through the cascade (issue #17)
+    assert (kwargs["regions"], kwargs["paint"], kwargs["pww_weight"], kwargs["bootstrap_fraction"]) == (
+        [("a cat", "r.png")], {"red circle": "m.png"}, 1.5, 0.5)
 
 
 MODE_ARGV = {"image": [], "paint": [VALUES["paint"]], "canvas": [VALUES["height"]], "cascade": [VALUES["sr_workdir"]]}
 UNREAD = [(mode, flag) for mode in sample.MODE_FLAGS for flag in VALUES
           if flag not in sample.MODE_FLAGS[mode] and flag not in SWITCHES]
-# Switches that do not combine: the mode with precedence refuses the other's switch.
-UNREAD += [("canvas", "paint"), ("cascade", "paint"), ("cascade", "region")]
 
 
 @pytest.mark.parametrize("mode, flag", UNREAD, ids=[f"{m}-{f}" for m, f in UNREAD])
@@ -117,6 +123,9 @@ def test_a_flag_the_mode_does_not_read_is_refused(calls, mode, flag):
 
 @pytest.mark.parametrize("argv, message", [
     (["--height=32", "--bootstrap=0.5"], "--bootstrap acts on --region prompts only"),
+    (["--height=32", "--pww_weight=1.5"], "--pww_weight is the strength of --paint"),
+    (["--sr_workdir=S", "--bootstrap=0.5"], "--bootstrap acts on --region prompts only"),
+    (["--sr_workdir=S", "--pww_weight=1.5"], "--pww_weight is the strength of --paint"),
     (["--sr_workdir=S", "--stride=8"], "--stride sets up MultiDiffusion crops, and this cascade samples none"),
     (["--sr_workdir=S", "--circular"], "--circular sets up MultiDiffusion crops"),
     (["--sr_workdir=S", "--chunk_size=2"], "--chunk_size sets up MultiDiffusion crops"),
@@ -145,8 +154,8 @@ def test_the_sampler_is_checked_against_the_workdirs_steps_before_loading(tmp_pa
     config = base_config()
     (tmp_path / "config.json").write_text(config.to_json_best_effort())
     with pytest.raises(FileNotFoundError, match="No checkpoint"):  # past the sampler check, at the load
-        sampling.sample_from_workdir(tmp_path, ["a red circle"], sampler="dpmpp_2m", out=tmp_path / "o")
+        generation.sample_from_workdir(tmp_path, ["a red circle"], sampler="dpmpp_2m", out=tmp_path / "o")
     config.sample.steps = 2
     (tmp_path / "config.json").write_text(config.to_json_best_effort())
     with pytest.raises(ValueError, match="needs at least 3 steps"):
-        sampling.sample_from_workdir(tmp_path, ["a red circle"], sampler="dpmpp_2m", out=tmp_path / "o")
+        generation.sample_from_workdir(tmp_path, ["a red circle"], sampler="dpmpp_2m", out=tmp_path / "o")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ediff_jax import distributed, parallel, trainer
+from ediff_jax import distributed, parallel, training
 from helpers import tiny_train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,8 +31,8 @@ def fixed_batch(exp, n: int = 8) -> dict:
 
 
 def run_steps(exp, batch: dict, steps: int = 2):
-    state, shardings = trainer.init_train_state(exp)
-    step = trainer.compile_train_step(exp, shardings)
+    state, shardings = training.init_train_state(exp)
+    step = training.compile_train_step(exp, shardings)
     arrays = parallel.shard_batch(batch, exp.mesh)
     losses = []
     for _ in range(steps):
@@ -47,11 +47,11 @@ def test_fsdp_on_8_devices_equals_one_device(shapes_data_dir):
     and the FSDP-ruled tensors really are split (each device holds a quarter)."""
     one = tiny(shapes_data_dir)
     one.mesh.data = 1
-    exp1 = trainer.build_experiment(one, jax.devices()[:1])
+    exp1 = training.build_experiment(one, jax.devices()[:1])
     sharded = tiny(shapes_data_dir)
     sharded.mesh.data, sharded.mesh.fsdp = 2, 4
     sharded.sharding.fsdp_min_size = 64
-    exp8 = trainer.build_experiment(sharded)
+    exp8 = training.build_experiment(sharded)
     batch = fixed_batch(exp1)
     state1, loss1 = run_steps(exp1, batch)
     state8, loss8 = run_steps(exp8, batch)
@@ -70,17 +70,17 @@ WORKER = textwrap.dedent("""
     import sys
     import numpy as np
     import jax
-    from ediff_jax import distributed, parallel, trainer
+    from ediff_jax import distributed, parallel, training
     sys.path.insert(0, {tests!r})
     from test_scale import tiny, fixed_batch
     distributed.initialize()
     config = tiny({data_dir!r})
-    exp = trainer.build_experiment(config)
+    exp = training.build_experiment(config)
     batch = fixed_batch(exp)
     per = 8 // jax.process_count()
     local = jax.tree.map(lambda x: x[jax.process_index() * per:(jax.process_index() + 1) * per], batch)
-    state, shardings = trainer.init_train_state(exp)
-    step = trainer.compile_train_step(exp, shardings)
+    state, shardings = training.init_train_state(exp)
+    step = training.compile_train_step(exp, shardings)
     arrays = parallel.shard_batch(local, exp.mesh)
     for _ in range(2):
         state, metrics = step(state, exp.encoders.params, arrays)
@@ -98,7 +98,7 @@ def test_two_processes_equal_one_process(shapes_data_dir, tmp_path):
     script.write_text(WORKER.format(tests=str(REPO / "tests"), data_dir=shapes_data_dir, out=str(tmp_path / "two.npz")))
     distributed.launch_local_processes([str(script)], num_processes=2, devices_per_process=2, timeout=300,
                                        cwd=str(REPO))
-    exp = trainer.build_experiment(tiny(shapes_data_dir), jax.devices()[:4])
+    exp = training.build_experiment(tiny(shapes_data_dir), jax.devices()[:4])
     state, _ = run_steps(exp, fixed_batch(exp))
     two = np.load(tmp_path / "two.npz")
     for path, value in jax.tree_util.tree_leaves_with_path(state.params):
@@ -113,7 +113,7 @@ def eight_steps(shapes_data_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eight_steps")
     config_json = tmp / "config.json"
     config_json.write_text(config.to_json_best_effort())
-    straight = trainer.train_and_evaluate(config, tmp / "straight")
+    straight = training.train_and_evaluate(config, tmp / "straight")
     return config, config_json, jax.tree.map(np.array, (straight.params, straight.ema_params))
 
 
@@ -123,9 +123,9 @@ def start_training(config_json: Path, workdir: Path) -> subprocess.Popen:
     flags (e.g. another --xla_backend_optimization_level) reorder float operations, and no
     resume can be exact across that."""
     driver = textwrap.dedent(f"""
-        from ediff_jax import trainer
+        from ediff_jax import training
         from ediff_jax.config_utils import config_from_json
-        trainer.train_and_evaluate(config_from_json(open({str(config_json)!r}).read()), {str(workdir)!r})
+        training.train_and_evaluate(config_from_json(open({str(config_json)!r}).read()), {str(workdir)!r})
     """)
     env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"]}
     return subprocess.Popen([sys.executable, "-c", driver], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
@@ -151,7 +151,7 @@ def test_sigterm_then_resume_is_bitwise_identical(eight_steps, tmp_path):
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             with pytest.raises(WorkdirLockedError, match=f"pid {proc.pid}"):
-                trainer.train_and_evaluate(config, workdir)
+                training.train_and_evaluate(config, workdir)
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.2)
@@ -160,7 +160,7 @@ def test_sigterm_then_resume_is_bitwise_identical(eight_steps, tmp_path):
     assert "SIGTERM: saved step" in output
     stopped_at = kept_steps(workdir)[-1]
     assert 2 <= stopped_at < 8, output
-    assert_same_run(trainer.train_and_evaluate(config, workdir), expected)
+    assert_same_run(training.train_and_evaluate(config, workdir), expected)
 
 
 def orbax_tmp_dirs(checkpoints: Path) -> list[str]:
@@ -202,7 +202,7 @@ def test_kill_9_at_random_moments_resumes_to_the_same_parameters(eight_steps, tm
     assert any(killed_during_save), f"no kill landed during a checkpoint write: {killed_during_save}"
     with warnings.catch_warnings(record=True) as caught:  # at most: the dead run's lock was replaced
         warnings.simplefilter("always")
-        final = trainer.train_and_evaluate(config, workdir)
+        final = training.train_and_evaluate(config, workdir)
     assert not [w for w in caught if "could not be read" in str(w.message) or "damaged" in str(w.message)]
     assert not [p for p in checkpoints.iterdir() if p.name.startswith("unreadable_")]
     assert kept_steps(workdir)[-1] == 8
@@ -213,17 +213,17 @@ def test_kill_9_at_random_moments_resumes_to_the_same_parameters(eight_steps, tm
 def test_corrupt_latest_checkpoint_falls_back_with_warning(shapes_data_dir, tmp_path):
     """An unreadable latest checkpoint is moved aside (kept) and the previous one resumed."""
     config = tiny(shapes_data_dir, num_steps=4, ckpt_every=2)
-    trainer.train_and_evaluate(config, tmp_path, stop_after=4)
+    training.train_and_evaluate(config, tmp_path, stop_after=4)
     ckpt_dir = tmp_path / "checkpoints"
     for f in (ckpt_dir / "4" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"\0" * 7)  # truncated garbage
-    from ediff_jax.checkpoints import Checkpointer
+    from ediff_jax.checkpoints import Checkpointer, abstract_with_shardings
 
     config.train.num_steps = 4
     with pytest.warns(UserWarning, match="step 4 .* could not be read"):
         step, _, _ = Checkpointer(tmp_path, async_save=False).restore_latest_good(
-            lambda meta: trainer.abstract_with_shardings(*trainer.state_shardings(trainer.build_experiment(config))),
+            lambda meta: abstract_with_shardings(*training.state_shardings(training.build_experiment(config))),
             quarantine=True)
     assert step == 2
     assert (ckpt_dir / "unreadable_4").is_dir()  # nothing the user had is deleted
@@ -232,27 +232,27 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(shapes_data_dir, tmp_
 @pytest.mark.slow
 def test_nonfinite_loss_names_the_step_or_is_skipped(shapes_data_dir, tmp_path):
     """A NaN batch stops the run naming its step; with skip_nonfinite the update is skipped."""
-    exp = trainer.build_experiment(tiny(shapes_data_dir))
+    exp = training.build_experiment(tiny(shapes_data_dir))
     batch = fixed_batch(exp)
     history = []
-    state, shardings = trainer.init_train_state(exp)
-    step = trainer.compile_train_step(exp, shardings)
+    state, shardings = training.init_train_state(exp)
+    step = training.compile_train_step(exp, shardings)
     bad = {**batch, "image": np.full_like(batch["image"], np.nan)}
     for b in (batch, bad):
         state, metrics = step(state, exp.encoders.params, parallel.shard_batch(b, exp.mesh))
         history.append(metrics)
     with pytest.raises(FloatingPointError, match="at step 11"):
-        trainer.summarize(history, 10, skip_nonfinite=False)
+        training.summarize(history, 10, skip_nonfinite=False)
 
     skipping = tiny(shapes_data_dir, skip_nonfinite=True)
-    exp = trainer.build_experiment(skipping)
-    state, shardings = trainer.init_train_state(exp)
-    step = trainer.compile_train_step(exp, shardings)
+    exp = training.build_experiment(skipping)
+    state, shardings = training.init_train_state(exp)
+    step = training.compile_train_step(exp, shardings)
     before = jax.tree.map(np.array, state.params)
     state, metrics = step(state, exp.encoders.params, parallel.shard_batch(bad, exp.mesh))
     jax.tree.map(np.testing.assert_array_equal, state.params, before)
     assert int(state.step) == 1
-    assert trainer.summarize([metrics], 1, skip_nonfinite=True)["skipped_nonfinite"] == 1
+    assert training.summarize([metrics], 1, skip_nonfinite=True)["skipped_nonfinite"] == 1
 
 
 @pytest.mark.slow
@@ -266,23 +266,23 @@ def test_grad_accumulation_and_extra_emas(shapes_data_dir):
     sgd = optax.sgd(1.0)
     base = tiny(shapes_data_dir, extra_ema_decays=(0.5,), ema_decay=0.9)
     base.text.drop_rates = {"t5": 0.0, "clip": 0.0}
-    exp1 = dataclasses.replace(trainer.build_experiment(base), tx=sgd)
+    exp1 = dataclasses.replace(training.build_experiment(base), tx=sgd)
     accum = base.copy_and_resolve_references()
     accum.train.grad_accum = 2
-    exp2 = dataclasses.replace(trainer.build_experiment(accum), tx=sgd)
+    exp2 = dataclasses.replace(training.build_experiment(accum), tx=sgd)
     batch = parallel.shard_batch(fixed_batch(exp1), exp1.mesh)
-    state, _ = trainer.init_train_state(exp1)
+    state, _ = training.init_train_state(exp1)
     p0 = jax.tree.map(np.array, state.params)
-    out1 = jax.jit(trainer.make_train_step(exp1))(jax.tree.map(jnp.copy, state), exp1.encoders.params, batch)
-    out2 = jax.jit(trainer.make_train_step(exp2))(jax.tree.map(jnp.copy, state), exp2.encoders.params, batch)
+    out1 = jax.jit(training.make_train_step(exp1))(jax.tree.map(jnp.copy, state), exp1.encoders.params, batch)
+    out2 = jax.jit(training.make_train_step(exp2))(jax.tree.map(jnp.copy, state), exp2.encoders.params, batch)
     np.testing.assert_allclose(out1[1]["loss"], out2[1]["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out1[0].params, out2[0].params)
     new = out1[0]
-    d_main = float(trainer.ema_decay_at(jnp.int32(0), 0.9))
-    d_extra = float(trainer.ema_decay_at(jnp.int32(0), 0.5))
+    d_main = float(training.ema_decay_at(jnp.int32(0), 0.9))
+    d_extra = float(training.ema_decay_at(jnp.int32(0), 0.5))
     jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, d_main * a + (1 - d_main) * b, rtol=1e-5, atol=1e-7),
                  new.ema_params, p0, new.params)
     jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, d_extra * a + (1 - d_extra) * b, rtol=1e-5, atol=1e-7),
                  new.extra_emas[0], p0, new.params)
-    sigma_keys = trainer.summarize([out1[1]], 1, False)
+    sigma_keys = training.summarize([out1[1]], 1, False)
     assert any(k.startswith("loss/sigma_") for k in sigma_keys)

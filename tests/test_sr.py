@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ediff_jax import sr, trainer
+from ediff_jax import sr, training
 from ediff_jax.cascade import StageSettings, read_stages, run_cascade, sample_cascade_from_workdirs
 from ediff_jax.config_utils import load_config
-from ediff_jax.sampling import Sampler, sample_from_workdir
+from ediff_jax.sampling import Sampler
+from ediff_jax.generation import sample_from_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ class TrainedWorkdirs(dict):
 
     def __missing__(self, name: str) -> Path:
         self[name] = self.root / name
-        trainer.train_and_evaluate(self.configs[name], self[name])
+        training.train_and_evaluate(self.configs[name], self[name])
         return self[name]
 
 
@@ -109,9 +110,9 @@ def test_residual_stage_reads_its_network_as_a_residual(configs):
     plain_config = configs["sr32"].copy_and_resolve_references()
     residual_config = plain_config.copy_and_resolve_references()
     residual_config.sr.residual = True
-    plain, residual = trainer.build_experiment(plain_config), trainer.build_experiment(residual_config)
+    plain, residual = training.build_experiment(plain_config), training.build_experiment(residual_config)
     assert residual.model.lowres_residual and not plain.model.lowres_residual
-    assert trainer.model_meta(residual_config)["sr"]["residual"] and "residual" not in trainer.model_meta(plain_config)["sr"]
+    assert training.model_meta(residual_config)["sr"]["residual"] and "residual" not in training.model_meta(plain_config)["sr"]
     cond = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), plain.example_cond(2))
     cond["lowres"] = jax.random.uniform(jax.random.PRNGKey(1), cond["lowres"].shape, minval=-1, maxval=1)
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
@@ -124,7 +125,7 @@ def test_residual_stage_reads_its_network_as_a_residual(configs):
     base = configs["base"].copy_and_resolve_references()
     base.sr.residual = True
     with pytest.raises(ValueError, match="sr.residual=True needs an SR stage"):
-        trainer.build_experiment(base)
+        training.build_experiment(base)
 
 
 def test_residual_stage_starts_at_bicubic_plus_noise(configs):
@@ -143,7 +144,7 @@ def test_residual_stage_starts_at_bicubic_plus_noise(configs):
 
     config = configs["sr32"].copy_and_resolve_references()
     config.sr.residual = True
-    exp, plain = trainer.build_experiment(config), trainer.build_experiment(configs["sr32"])
+    exp, plain = training.build_experiment(config), training.build_experiment(configs["sr32"])
     cond = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), exp.example_cond(1))
     params = exp.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)), cond)["params"]
     # The output conv starts at zero; perturb every weight so the network, its text and
@@ -173,7 +174,7 @@ def test_residual_stage_starts_at_bicubic_plus_noise(configs):
 def test_stage_shapes(configs, name, out, low, train):
     """Each stage maps (x [B, out, out, 3], lowres [B, low, low, 3]) to [B, out, out, 3]; the
     1024-style stage has no self-attention and its training shape is the crop."""
-    exp = trainer.build_experiment(configs[name])
+    exp = training.build_experiment(configs[name])
     assert exp.is_sr and exp.train_shape == (train, train, 3) and exp.image_shape == (out, out, 3)
     cond = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), exp.example_cond(2))
     assert cond["lowres"].shape == (2, train // (out // low), train // (out // low), 3)
@@ -194,7 +195,7 @@ def test_crop_trained_stage_runs_on_full_size_input(workdirs, configs):
     """The 1024-style stage, trained on 32x32 crops, samples whole 64x64 images from 32x32 inputs."""
     from ediff_jax.cascade import Stage, load_stages
 
-    from ediff_jax.sampling import read_workdir_config
+    from ediff_jax.workdirs import read_workdir_config
 
     stage = Stage(workdirs["sr64"], read_workdir_config(workdirs["sr64"]))
     load_stages([stage])
@@ -246,6 +247,49 @@ def test_panorama_through_sr_stage_tiles_and_full(workdirs):
     assert tiles[1].shape == (1, 32, 128, 3)
 
 
+@pytest.mark.slow
+def test_painted_region_panorama_through_sr_tiles(workdirs):
+    """Paint-with-words and a region prompt on a panorama, carried through an SR stage as tiles
+    (issue #17): at w' = 0 every stage equals the unpainted cascade exactly, and w' > 0 changes
+    the base panorama (its only painted phrase is the background prompt's)."""
+    from ediff_jax.cascade import load_stages
+
+    stages = read_stages(workdirs["base"], [workdirs["sr32"]])
+    load_stages(stages)
+    rng = np.random.default_rng(0)
+    for stage in stages:  # random weights: the one-step models saturate every pixel, hiding any change
+        stage.params = jax.tree_util.tree_map_with_path(
+            lambda path, a: (float(path[-1].key == "scale") + 0.2 * rng.standard_normal(a.shape)).astype(a.dtype),
+            stage.params)
+    settings = [StageSettings(steps=2), StageSettings(steps=2, aug_level=0.0)]
+    right = np.zeros((16, 64), np.float32)
+    right[:, 32:] = 1.0
+    kw = dict(height=16, width=64, sr_mode="tiles", stride=4, regions=[("a blue square", right)])
+    run = lambda **paint: run_cascade(stages, ["a red circle"], settings, **kw, **paint)
+    plain = run()
+    zero = run(paint={"red circle": 1.0 - right}, pww_weight=0.0)
+    strong = run(paint={"red circle": 1.0 - right}, pww_weight=3.0)
+    assert [im.shape for im in strong] == [(1, 16, 64, 3), (1, 32, 128, 3)]
+    for a, b in zip(zero, plain):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(strong[0].astype(int) - plain[0]).max() > 0
+    # The SR stage itself is painted: its tiles, on the same low-res panorama, change with w'.
+    from ediff_jax.multidiffusion import MultiDiffusionSampler
+    from ediff_jax.multidiffusion.sampler import canvas_paint_cond
+
+    stage = stages[1]
+    sampler = MultiDiffusionSampler(stage.exp.model, stage.exp.encoders, image_size=stage.tile_size, height=32,
+                                    width=128, stride=4 * stage.factor, lowres_factor=stage.factor, steps=2,
+                                    sampler=str(stage.config.sample.sampler),
+                                    sigma_data=float(stage.config.edm.sigma_data), boundaries=stage.exp.boundaries)
+    up = np.repeat(1.0 - right, 2, axis=0).repeat(2, axis=1)
+    sr_run = lambda w: sampler(stage.params, ["a red circle"], guidance=float(stage.config.sample.guidance), seed=1,
+                               lowres=plain[0], aug_level=0.0, extra_cond=canvas_paint_cond(
+                                   stage.exp.encoders, ["a red circle"], [], {"red circle": up}, (32, 128), w))
+    np.testing.assert_array_equal(sr_run(0.0), plain[1])  # the cascade's own SR call, reproduced
+    assert np.abs(sr_run(3.0).astype(int) - plain[1]).max() > 0
+
+
 def test_chain_errors(config_only_workdirs, configs):
     """Stages that do not chain, an SR stage used as a base, and a base used as an SR stage."""
     workdirs = config_only_workdirs
@@ -260,11 +304,11 @@ def test_chain_errors(config_only_workdirs, configs):
     with pytest.raises(ValueError, match="lowres_size=12 must divide"):
         bad = configs["sr32"].copy_and_resolve_references()
         bad.sr.lowres_size = 12
-        trainer.build_experiment(bad)
+        training.build_experiment(bad)
     with pytest.raises(ValueError, match="crop_size=21 must be"):
         bad = configs["sr64"].copy_and_resolve_references()
         bad.sr.crop_size = 21
-        trainer.build_experiment(bad)
+        training.build_experiment(bad)
 
 
 @pytest.mark.slow
@@ -274,7 +318,7 @@ def test_sr_checkpoint_refused_under_base_config(workdirs, configs):
 
     base = configs["base"].copy_and_resolve_references()
     with pytest.raises((CheckpointMismatchError, ValueError)):
-        trainer.train_and_evaluate(base, workdirs["sr32"])
+        training.train_and_evaluate(base, workdirs["sr32"])
 
 
 def test_two_expert_sr_stage_traces(shapes_data_dir):
@@ -282,13 +326,13 @@ def test_two_expert_sr_stage_traces(shapes_data_dir):
     (shapes only, nothing compiled) with stacked params and the low-res input split per expert."""
     c = _tiny("configs/sr.py:stage=256,size=tiny,experts=2", shapes_data_dir)
     c.train.num_steps, c.experts.phase_steps = 2, (1, 1)
-    exp = trainer.build_experiment(c)
-    abstract, _ = trainer.state_shardings(exp, 1)
+    exp = training.build_experiment(c)
+    abstract, _ = training.state_shardings(exp, 1)
     assert jax.tree.leaves(abstract.params)[0].shape[0] == 2
     batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
              "lowres": jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32),
              **jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.encoders.tokenize(["a"] * 8))}
-    new_state, metrics = jax.eval_shape(trainer.make_train_step(exp, 1), abstract, exp.encoders.params, batch)
+    new_state, metrics = jax.eval_shape(training.make_train_step(exp, 1), abstract, exp.encoders.params, batch)
     assert metrics["loss/expert_1"].shape == () and jax.tree.leaves(new_state.params)[0].shape[0] == 2
 
 
@@ -296,7 +340,7 @@ def test_crop_trained_stage_tiles_at_its_crop(config_only_workdirs):
     """A stage trained on crops is tiled at the crop (GroupNorm sees training-sized windows);
     others at their image size."""
     from ediff_jax.cascade import Stage
-    from ediff_jax.sampling import read_workdir_config
+    from ediff_jax.workdirs import read_workdir_config
 
     sizes = {name: Stage(path, read_workdir_config(path)).tile_size for name, path in config_only_workdirs.items()}
     assert sizes == {"base": 16, "sr32": 32, "sr64": 32}

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ediff_jax import edm, trainer
+from ediff_jax import edm, training
 from ediff_jax.checkpoints import CheckpointMismatchError
 from ediff_jax.config_utils import load_config, validate_config
-from ediff_jax.sampling import sample_from_workdir
+from ediff_jax.generation import sample_from_workdir
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def tiny_config(shapes_data_dir):
 
 @pytest.fixture(scope="module")
 def exp(tiny_config):
-    return trainer.build_experiment(tiny_config)
+    return training.build_experiment(tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,9 @@ def fixed_batch(exp, shapes_data_dir):
 
 def test_one_step_is_adamw_on_edm_loss_with_ema(exp, fixed_batch):
     """The step's loss equals the EDM loss recomputed by hand, and EMA = d*old + (1-d)*new."""
-    state, shardings = trainer.init_train_state(exp)
+    state, shardings = training.init_train_state(exp)
     params0 = jax.tree.map(np.array, state.params)  # a real copy: the step donates (overwrites) state
-    step = trainer.compile_train_step(exp, shardings)
+    step = training.compile_train_step(exp, shardings)
     new_state, metrics = step(state, exp.encoders.params, fixed_batch)
 
     # Recompute the loss from the same rng streams the step uses.
@@ -68,7 +68,7 @@ def test_one_step_is_adamw_on_edm_loss_with_ema(exp, fixed_batch):
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-4)
 
     assert int(new_state.step) == 1
-    d = float(trainer.ema_decay_at(jnp.int32(0), exp.config.train.ema_decay))
+    d = float(training.ema_decay_at(jnp.int32(0), exp.config.train.ema_decay))
     jax.tree.map(lambda e, p0, p1: np.testing.assert_allclose(e, d * p0 + (1 - d) * p1, rtol=1e-5, atol=1e-7),
                  new_state.ema_params, params0, new_state.params)
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), params0, new_state.params))
@@ -80,8 +80,8 @@ def test_one_step_is_adamw_on_edm_loss_with_ema(exp, fixed_batch):
 
 def test_training_reduces_loss_on_a_fixed_batch(exp, fixed_batch):
     """40 steps on one batch must lower the loss measured with fixed sigmas and noise."""
-    state, shardings = trainer.init_train_state(exp)
-    step = trainer.compile_train_step(exp, shardings)
+    state, shardings = training.init_train_state(exp)
+    step = training.compile_train_step(exp, shardings)
     sigma = jnp.exp(jnp.linspace(-2.0, 1.0, 8))
     noise = jax.random.normal(jax.random.key(9), (8, 32, 32, 3))
     cond = exp.encoders.encode(exp.encoders.params, fixed_batch)
@@ -102,7 +102,7 @@ def test_training_reduces_loss_on_a_fixed_batch(exp, fixed_batch):
 def trained_workdir(tiny_config, tmp_path_factory):
     """One 4-step run shared by the tests below; they copy it before changing anything."""
     workdir = tmp_path_factory.mktemp("trained") / "wd"
-    state = trainer.train_and_evaluate(tiny_config, workdir)
+    state = training.train_and_evaluate(tiny_config, workdir)
     assert int(state.step) == 4
     return workdir
 
@@ -124,18 +124,18 @@ def test_longer_rerun_resumes(tiny_config, trained_workdir, tmp_path):
     longer = tiny_config.copy_and_resolve_references()
     longer.train.num_steps = 6
     longer.train.max_minutes = 1e-9  # spent before the first step ends
-    boxed = trainer.train_and_evaluate(longer, workdir)
+    boxed = training.train_and_evaluate(longer, workdir)
     assert int(boxed.step) == 5
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 5
     longer.train.max_minutes = 0.0
-    resumed = trainer.train_and_evaluate(longer, workdir)
+    resumed = training.train_and_evaluate(longer, workdir)
     assert int(resumed.step) == 6
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 6
 
 
 def test_load_workdir_at_a_kept_step(trained_workdir):
     """`step` restores that checkpoint (learning curves); a step not kept is named with the kept ones."""
-    from ediff_jax.sampling import load_workdir
+    from ediff_jax.workdirs import load_workdir
 
     _, exp_2, at_2 = load_workdir(trained_workdir, step=2)
     config, exp_latest, latest = load_workdir(trained_workdir)
@@ -155,7 +155,7 @@ def test_negative_time_budget_is_refused(tiny_config, tmp_path):
     bad = tiny_config.copy_and_resolve_references()
     bad.train.max_minutes = -1.0
     with pytest.raises(ValueError, match="max_minutes"):
-        trainer.train_and_evaluate(bad, tmp_path / "wd")
+        training.train_and_evaluate(bad, tmp_path / "wd")
     assert not (tmp_path / "wd" / "checkpoints").exists()
 
 
@@ -174,7 +174,7 @@ def test_mismatched_checkpoint_is_refused_and_left_untouched(tiny_config, traine
     wider.model.channels = 24
     wider.train.num_steps = 6
     with pytest.raises(CheckpointMismatchError, match=r"model\.channels: checkpoint has 16, config has 24"):
-        trainer.train_and_evaluate(wider, workdir)
+        training.train_and_evaluate(wider, workdir)
     after = {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*")}
     assert before == after
 
@@ -195,7 +195,7 @@ def test_a_bad_sampling_config_is_refused_before_training(tiny_config, tmp_path,
     bad = tiny_config.copy_and_resolve_references()
     bad.sample.sampler, bad.sample.steps = sampler, steps
     with pytest.raises(ValueError, match=f"config.sample: .*{message}"):
-        trainer.train_and_evaluate(bad, tmp_path / "wd")
+        training.train_and_evaluate(bad, tmp_path / "wd")
     assert not (tmp_path / "wd" / "checkpoints").exists()
 
 
@@ -203,14 +203,14 @@ def test_unknown_dataset_is_named(tiny_config, tmp_path):
     bad = tiny_config.copy_and_resolve_references()
     bad.data.name = "ediff_shapez/32"
     with pytest.raises(ValueError, match="ediff_shapez"):
-        trainer.train_and_evaluate(bad, tmp_path / "wd")
+        training.train_and_evaluate(bad, tmp_path / "wd")
 
 
 def test_unwritable_workdir_and_output(tiny_config, trained_workdir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="cannot be written"):
-        trainer.train_and_evaluate(tiny_config, blocker / "wd")
+        training.train_and_evaluate(tiny_config, blocker / "wd")
     with pytest.raises(ValueError, match="cannot be written"):
         sample_from_workdir(trained_workdir, ["a red circle"], out=blocker / "out")
 
@@ -238,8 +238,8 @@ def test_cli_reports_bad_config_key_without_traceback(tmp_path):
 
 def test_cached_embeddings_give_the_same_step(exp, fixed_batch):
     """The text-cache path (embeddings in the batch) equals running the encoders in the step."""
-    state, shardings = trainer.init_train_state(exp)
-    step = trainer.compile_train_step(exp, shardings)  # the program test_one_step compiled: a cache hit
+    state, shardings = training.init_train_state(exp)
+    step = training.compile_train_step(exp, shardings)  # the program test_one_step compiled: a cache hit
     cond = jax.device_get(exp.encoders.encode(exp.encoders.params, fixed_batch))
     state2 = jax.tree.map(jnp.copy, state)  # the step donates its input state
     with_tokens, m1 = step(state, exp.encoders.params, fixed_batch)
@@ -258,6 +258,21 @@ def test_sample_with_paint_from_workdir(trained_workdir, tmp_path):
     images = sample_with_paint(trained_workdir, ["a red circle and a blue square"], {"red circle": left},
                                weight=0.4, num=2, steps=2, progress=False, out=tmp_path / "out")
     assert images.shape == (2, 32, 32, 3)
+    for name in ("grid.png", "masks.png", "paint.txt", "prompts.txt"):
+        assert (tmp_path / "out" / name).exists(), name
+
+
+def test_painted_panorama_with_a_region_from_workdir(trained_workdir, tmp_path):
+    """Paint-with-words on a MultiDiffusion canvas with a region prompt (issue #17: they used to be
+    refused together): canvases, grid and the canvas-sized masks are written."""
+    from ediff_jax.multidiffusion import sample_canvas_from_workdir
+
+    right = np.zeros((32, 64), np.float32)
+    right[:, 32:] = 1.0
+    images = sample_canvas_from_workdir(trained_workdir, ["a red circle"], width=64, regions=[("a blue square", right)],
+                                        paint={"red circle": 1.0 - right, "blue square": right}, pww_weight=1.0,
+                                        steps=2, progress=False, out=tmp_path / "out")
+    assert images.shape == (1, 32, 64, 3)
     for name in ("grid.png", "masks.png", "paint.txt", "prompts.txt"):
         assert (tmp_path / "out" / name).exists(), name
 

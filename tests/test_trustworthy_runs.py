@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from ediff_jax import distributed, experts, parallel, trainer
+from ediff_jax import distributed, experts, parallel, training
 from ediff_jax.checkpoints import CheckpointReadError, Checkpointer
 from ediff_jax.config_utils import load_config, validate_config
 from ediff_jax.resume_policy import RESUME_RULES, ResumeChangeError, flatten, key_class
@@ -85,7 +85,7 @@ def expert_ids_over_an_epoch(data_dir: str) -> np.ndarray:
     config.train.batch_size = 8
     config.data.shuffle_buffer = 1000
     builder = pipeline.get_dataset_builder("ediff_shapes/32", data_dir)
-    data = trainer.train_iterator(config, builder, 0, split="validation")
+    data = training.train_iterator(config, builder, 0, split="validation")
     mesh = parallel.make_mesh({"data": -1})
     split = jax.jit(lambda ids: experts.expert_shares(ids, 2), out_shardings=parallel.replicated(mesh))
     steps = 1000 // 8
@@ -125,17 +125,17 @@ def test_grad_accum_is_checked_for_every_phase(shapes_data_dir):
     c.data.data_dir = shapes_data_dir
     c.train.batch_size, c.train.grad_accum = 24, 8
     with pytest.raises(ValueError, match=r"grad_accum=8 must divide the 12 examples .* 2 experts of phase 1"):
-        trainer.build_experiment(c)
+        training.build_experiment(c)
     c.train.grad_accum = 4  # divides 24, 12 and 8
-    trainer.build_experiment(c)
+    training.build_experiment(c)
 
 
 def test_batch_split_over_processes_is_checked(shapes_data_dir):
     c = two_experts(shapes_data_dir)
     c.train.batch_size = 12
     with pytest.raises(ValueError, match=r"each of the 4 processes 3 examples, not divisible by the 2 experts"):
-        trainer._check_batch_splits(c, trainer._expert_phases(c)[0], process_count=4)
-    trainer._check_batch_splits(c, trainer._expert_phases(c)[0], process_count=2)
+        training.experiment._check_batch_splits(c, training.experiment._expert_phases(c)[0], process_count=4)
+    training.experiment._check_batch_splits(c, training.experiment._expert_phases(c)[0], process_count=2)
 
 
 # --- 3. read-only commands, partial restore, damage vs other errors ---------------------
@@ -144,7 +144,7 @@ def test_batch_split_over_processes_is_checked(shapes_data_dir):
 def trained(shapes_data_dir, tmp_path_factory):
     """A 4-step run (checkpoints at 2 and 4) with one extra EMA; tests copy it before changing it."""
     workdir = tmp_path_factory.mktemp("trained") / "wd"
-    trainer.train_and_evaluate(tiny(shapes_data_dir, extra_ema_decays=(0.2,)), workdir)
+    training.train_and_evaluate(tiny(shapes_data_dir, extra_ema_decays=(0.2,)), workdir)
     return workdir
 
 
@@ -157,7 +157,7 @@ def copy_of(workdir: Path, tmp_path: Path) -> Path:
 def test_picking_an_ema_still_in_its_warm_up_warns(trained):
     """The warm-up caps every decay at (1 + t) / (10 + t): at step 4 the configured decay has not taken
     effect, so that EMA equals any other of decay >= 4/13 (a 60-minute run's 0.999 and 0.9995 did)."""
-    from ediff_jax.sampling import load_workdir, read_workdir_config, warn_if_ema_in_warmup
+    from ediff_jax.workdirs import load_workdir, read_workdir_config, warn_if_ema_in_warmup
 
     decay = float(read_workdir_config(trained).train.ema_decay)
     with pytest.warns(UserWarning, match=rf"EMA decay {decay:g} has not taken effect by step 4: .* at 0\.3077"):
@@ -172,7 +172,7 @@ def test_picking_an_ema_still_in_its_warm_up_warns(trained):
 def test_sampling_restores_only_the_chosen_ema_and_writes_nothing(shapes_data_dir, trained, monkeypatch):
     """load_workdir asks orbax for one field of the state, the one EMA it samples with, and
     the checkpoint tree is byte- and mtime-identical afterwards."""
-    from ediff_jax.sampling import load_workdir
+    from ediff_jax.workdirs import load_workdir
 
     asked = []
     original = Checkpointer.restore_fields
@@ -186,9 +186,9 @@ def test_sampling_restores_only_the_chosen_ema_and_writes_nothing(shapes_data_di
     assert asked == [(4, ["ema_params"]), (4, ["extra_emas"])]
     assert snapshot(trained / "checkpoints") == before
     # The restored trees are the saved ones: compare with a full restore of step 4.
-    exp = trainer.build_experiment(tiny(shapes_data_dir, extra_ema_decays=(0.2,)))
+    exp = training.build_experiment(tiny(shapes_data_dir, extra_ema_decays=(0.2,)))
     full = Checkpointer(trained, read_only=True)
-    abstract, _, _ = trainer.checked_abstract_state(exp, full, full.read_meta(4))
+    abstract, _, _ = training.checked_abstract_state(exp, full, full.read_meta(4))
     state = full.restore(abstract, 4)
     jax.tree.map(np.testing.assert_array_equal, ema, state.ema_params)
     jax.tree.map(np.testing.assert_array_equal, extra, state.extra_emas[0])
@@ -199,7 +199,7 @@ def test_a_model_samples_only_with_the_encoders_it_was_trained_with(shapes_data_
     """Checkpoints record each encoder's path and weights' sha256; pointing the workdir's
     config at other weights (here the older random T5) is refused, naming both."""
     from ediff_jax.checkpoints import CheckpointMismatchError
-    from ediff_jax.sampling import load_workdir
+    from ediff_jax.workdirs import load_workdir
     from ediff_jax.text.loading import resolve_text_path, weights_fingerprint
 
     workdir = copy_of(trained, tmp_path)
@@ -218,7 +218,7 @@ def test_a_model_samples_only_with_the_encoders_it_was_trained_with(shapes_data_
     c = tiny(shapes_data_dir, extra_ema_decays=(0.2,), num_steps=6, allow_resume_change="text.t5_path")
     c.text.t5_path = "builtin:t5_shapes"
     with pytest.raises(CheckpointMismatchError, match=mismatch):
-        trainer.train_and_evaluate(c, workdir)
+        training.train_and_evaluate(c, workdir)
 
 
 def test_a_checkpoint_from_before_a_model_key_samples_and_resumes(shapes_data_dir, trained, tmp_path):
@@ -226,7 +226,7 @@ def test_a_checkpoint_from_before_a_model_key_samples_and_resumes(shapes_data_di
     and config: they must still sample and resume, since the key's default is what the old code did.
     Set to anything else, it is compared: such a checkpoint does not load as the plain model."""
     from ediff_jax.checkpoints import CheckpointMismatchError
-    from ediff_jax.sampling import load_workdir
+    from ediff_jax.workdirs import load_workdir
 
     workdir = copy_of(trained, tmp_path)
     for meta_file in (workdir / "checkpoints").glob("*/meta/metadata"):
@@ -238,13 +238,13 @@ def test_a_checkpoint_from_before_a_model_key_samples_and_resumes(shapes_data_di
     config["model"].pop("coord_input")
     (workdir / "config.json").write_text(json.dumps(config))
     load_workdir(workdir)
-    trainer.train_and_evaluate(tiny(shapes_data_dir, extra_ema_decays=(0.2,), num_steps=6), workdir)
+    training.train_and_evaluate(tiny(shapes_data_dir, extra_ema_decays=(0.2,), num_steps=6), workdir)
     assert Checkpointer(workdir, read_only=True).all_steps()[-1] == 6
-    assert "coord_input" not in trainer.model_meta(tiny(shapes_data_dir))["model"]
+    assert "coord_input" not in training.model_meta(tiny(shapes_data_dir))["model"]
     c = tiny(shapes_data_dir, extra_ema_decays=(0.2,), num_steps=8)
     c.model.coord_input = True
     with pytest.raises(CheckpointMismatchError, match="model.coord_input: checkpoint has None, config has True"):
-        trainer.train_and_evaluate(c, workdir)
+        training.train_and_evaluate(c, workdir)
 
 
 def inject(monkeypatch, method: str, step: int, message: str) -> None:
@@ -266,7 +266,7 @@ def inject(monkeypatch, method: str, step: int, message: str) -> None:
 def test_an_oom_is_reported_not_treated_as_damage(shapes_data_dir, trained, tmp_path, monkeypatch):
     """RESOURCE_EXHAUSTED on the newest step: sampling and training both stop naming the step
     and the error, and neither renames, moves or writes anything in checkpoints/."""
-    from ediff_jax.sampling import load_workdir
+    from ediff_jax.workdirs import load_workdir
 
     workdir = copy_of(trained, tmp_path)
     before = snapshot(workdir / "checkpoints")
@@ -275,14 +275,14 @@ def test_an_oom_is_reported_not_treated_as_damage(shapes_data_dir, trained, tmp_
         load_workdir(workdir)
     inject(monkeypatch, "restore", 4, "RESOURCE_EXHAUSTED: Out of memory allocating 1.2GiB")
     with pytest.raises(CheckpointReadError, match=r"step 4 .*RESOURCE_EXHAUSTED"):
-        trainer.train_and_evaluate(tiny(shapes_data_dir, extra_ema_decays=(0.2,), num_steps=6), workdir)
+        training.train_and_evaluate(tiny(shapes_data_dir, extra_ema_decays=(0.2,), num_steps=6), workdir)
     assert snapshot(workdir / "checkpoints") == before
 
 
 def test_damage_is_skipped_read_only_and_set_aside_only_by_training(shapes_data_dir, trained, tmp_path, monkeypatch):
     """A DATA_LOSS read of step 4: sampling warns and uses step 2, leaving the tree as it was;
     training then moves step 4 aside (kept) and resumes from step 2."""
-    from ediff_jax.sampling import load_workdir
+    from ediff_jax.workdirs import load_workdir
 
     workdir = copy_of(trained, tmp_path)
     before = snapshot(workdir / "checkpoints")
@@ -292,7 +292,7 @@ def test_damage_is_skipped_read_only_and_set_aside_only_by_training(shapes_data_
     assert snapshot(workdir / "checkpoints") == before
     inject(monkeypatch, "restore", 4, "DATA_LOSS: Error decoding manifest")
     with pytest.warns(UserWarning, match=r"step 4 .* moved it to"):
-        state = trainer.train_and_evaluate(tiny(shapes_data_dir, extra_ema_decays=(0.2,)), workdir, stop_after=3)
+        state = training.train_and_evaluate(tiny(shapes_data_dir, extra_ema_decays=(0.2,)), workdir, stop_after=3)
     assert int(state.step) == 3
     assert (workdir / "checkpoints" / "unreadable_4").is_dir()
 
@@ -343,14 +343,14 @@ def test_resume_refuses_a_change_it_depends_on(shapes_data_dir, trained, tmp_pat
     section, _, name = key.rpartition(".")
     (c[section] if section else c)[name] = value
     with pytest.raises(ResumeChangeError, match=rf"(?s){key}: {old} -> {new}.*allow_resume_change={key}"):
-        trainer.train_and_evaluate(c, workdir)
+        training.train_and_evaluate(c, workdir)
     assert snapshot(workdir) == before  # config.json and the history are not touched either
 
 
 def test_resume_names_a_changed_extra_ema_clearly(shapes_data_dir, trained, tmp_path):
     workdir = copy_of(trained, tmp_path)
     with pytest.raises(ResumeChangeError, match=r"train.extra_ema_decays: \[0.2\] -> \[0.2, 0.9\].*cannot be added"):
-        trainer.train_and_evaluate(tiny(shapes_data_dir, extra_ema_decays=(0.2, 0.9)), workdir)
+        training.train_and_evaluate(tiny(shapes_data_dir, extra_ema_decays=(0.2, 0.9)), workdir)
 
 
 def test_resume_warns_frees_and_accepts_on_purpose(shapes_data_dir, trained, tmp_path):
@@ -365,7 +365,7 @@ def test_resume_warns_frees_and_accepts_on_purpose(shapes_data_dir, trained, tmp
     c.edm.p_mean = -1.0
     c.train.allow_resume_change = "edm.p_mean"
     with pytest.warns(UserWarning) as caught:
-        trainer.train_and_evaluate(c, workdir)
+        training.train_and_evaluate(c, workdir)
     messages = [str(w.message) for w in caught]
     assert any("train.lr: 0.002 -> 0.001" in m for m in messages)
     assert any("edm.p_mean changed from -1.2 to -1.0" in m for m in messages)
@@ -383,7 +383,7 @@ def test_allow_resume_change_must_name_real_keys(shapes_data_dir, trained, tmp_p
     c = tiny(shapes_data_dir, extra_ema_decays=(0.2,))
     c.train.allow_resume_change = "edm.pmean"
     with pytest.raises(ValueError, match=r"\['edm.pmean'\], which are not config keys"):
-        trainer.train_and_evaluate(c, workdir)
+        training.train_and_evaluate(c, workdir)
 
 
 # --- 5. text-dropout rates -----------------------------------------------------------
@@ -407,7 +407,7 @@ def test_nan_in_one_expert_skips_only_that_expert(shapes_data_dir):
     weights and optimizer state, and expert 1's update is bitwise the one it makes when
     expert 0's rows are clean."""
     c = two_experts(shapes_data_dir, skip_nonfinite=True)
-    exp = trainer.build_experiment(c)
+    exp = training.build_experiment(c)
     rng = np.random.default_rng(0)
     clean = {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
              **exp.encoders.tokenize(["a red circle", "a blue square"] * 4)}
@@ -416,9 +416,9 @@ def test_nan_in_one_expert_skips_only_that_expert(shapes_data_dir):
     results = {}
     step = None
     for name, batch in (("clean", clean), ("bad", bad)):
-        state, shardings = trainer.init_train_state(exp)
+        state, shardings = training.init_train_state(exp)
         before = jax.tree.map(np.array, (state.params, state.opt_state))
-        step = step or trainer.compile_train_step(exp, shardings)
+        step = step or training.compile_train_step(exp, shardings)
         state, metrics = step(state, exp.encoders.params, parallel.shard_batch(batch, exp.mesh))
         results[name] = (before, jax.tree.map(np.array, (state.params, state.opt_state)), metrics)
     (before, (params, opt), metrics), (_, (clean_params, _), _) = results["bad"], results["clean"]
@@ -429,4 +429,4 @@ def test_nan_in_one_expert_skips_only_that_expert(shapes_data_dir):
     jax.tree.map(np.testing.assert_array_equal, take(params, 1), take(clean_params, 1))
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(take(params, 1)),
                                                          jax.tree.leaves(take(before[0], 1))))
-    assert trainer.summarize([metrics], 1, skip_nonfinite=True)["skipped_nonfinite"] == 1
+    assert training.summarize([metrics], 1, skip_nonfinite=True)["skipped_nonfinite"] == 1

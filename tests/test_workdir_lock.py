@@ -410,25 +410,25 @@ def test_trainer_is_refused_on_a_live_workdir_and_can_take_it_over(shapes_data_d
     """train_and_evaluate on a workdir another live process holds: refused naming its pid,
     nothing written. With take_over_workdir it runs, and the old holder sees `lost`. A run
     whose lock is taken from it stops at once without writing a checkpoint."""
-    from ediff_jax import trainer
+    from ediff_jax import training
     from helpers import tiny_train_config
 
     workdir = tmp_path / "run"
     other = holders(workdir, "other", lease=600.0, beat=0.05)
     assert other.wait_for("acquired")
     with pytest.raises(WorkdirLockedError, match=rf"pid {other.pid}.*take_over_workdir=True"):
-        trainer.train_and_evaluate(tiny_train_config(shapes_data_dir, ckpt_every=1), workdir)
+        training.train_and_evaluate(tiny_train_config(shapes_data_dir, ckpt_every=1), workdir)
     assert sorted(p.name for p in workdir.iterdir()) == [LOCK_NAME]
 
     with pytest.warns(WorkdirLockWarning, match="Replaced the lock"):
-        trainer.train_and_evaluate(tiny_train_config(shapes_data_dir, num_steps=1, take_over_workdir=True), workdir)
+        training.train_and_evaluate(tiny_train_config(shapes_data_dir, num_steps=1, take_over_workdir=True), workdir)
     assert other.wait_for("lost")
     assert not (workdir / LOCK_NAME).exists()  # released at the end of the run
 
     taken = tmp_path / "taken"
     monkeypatch.setattr(WorkdirLock, "lost", property(lambda self: True))
     with pytest.warns(UserWarning, match="another run took over"):
-        state = trainer.train_and_evaluate(tiny_train_config(shapes_data_dir, ckpt_every=1), taken)
+        state = training.train_and_evaluate(tiny_train_config(shapes_data_dir, ckpt_every=1), taken)
     assert int(state.step) == 1
     assert not [p for p in (taken / "checkpoints").iterdir() if p.name.isdigit()]
 

@@ -1,6 +1,6 @@
 """Load the CLIP vision tower (and image preprocessing settings) from a Hugging Face directory.
 
-A thin layer over ``ediff_jax.text.loading``: the same safetensors reader, name/shape checks and
+A thin layer over ``ediff_jax.hf_checkpoint``: the same safetensors reader, name/shape checks and
 per-leaf placement as the text encoders (no PyTorch, no unpickling), with the vision tower's
 parameter names. Accepts ``CLIPModel``, ``CLIPVisionModelWithProjection`` and ``CLIPVisionModel``
 directories, or hub ids ``org/name[@revision]`` of such repos (resolved by ``ediff_jax.hub``).
@@ -20,14 +20,14 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from ediff_jax.eval.clip_vision import CLIPVisionEncoder, CLIPVisionEncoderConfig
-from ediff_jax.text.loading import (
+from ediff_jax.hf_checkpoint import (
     CheckpointError,
     ShardingArg,
-    _assemble,
-    _checkpoint_dir,
-    _float_dtype,
-    _open_checkpoint,
-    _read_config,
+    assemble,
+    checkpoint_dir,
+    float_dtype,
+    open_checkpoint,
+    read_config,
 )
 
 VISION_MODEL_TYPES = ("clip", "clip_vision_model")
@@ -74,7 +74,7 @@ def _square_size(value: Any, key: str, directory: pathlib.Path) -> int:
 def load_clip_preprocessing(path: str | os.PathLike[str], image_size: int) -> CLIPImagePreprocessing:
     """Settings from ``preprocessor_config.json`` when the directory has one, else OpenAI CLIP's
     defaults at the vision tower's ``image_size``."""
-    directory = _checkpoint_dir(path)
+    directory = checkpoint_dir(path)
     file = directory / _PREPROCESSOR_FILE
     if not file.is_file():
         return CLIPImagePreprocessing(shortest_edge=image_size, crop_size=image_size)
@@ -136,9 +136,9 @@ def load_clip_vision_encoder(
     The projection is used iff the weights contain ``visual_projection.weight``. ``sharding`` as in
     ``ediff_jax.text.load_t5_encoder``.
     """
-    target = _float_dtype(dtype)
-    directory = _checkpoint_dir(path)
-    config = _read_config(directory)
+    target = float_dtype(dtype)
+    directory = checkpoint_dir(path)
+    config = read_config(directory)
     model_type = config.get("model_type")
     if model_type not in VISION_MODEL_TYPES:
         raise CheckpointError(
@@ -147,7 +147,7 @@ def load_clip_vision_encoder(
             "(a CLIPModel or CLIPVisionModel(WithProjection) directory)."
         )
     vision_config = (config.get("vision_config") or {}) if model_type == "clip" else config
-    with _open_checkpoint(directory) as reader:
+    with open_checkpoint(directory) as reader:
         names = set(reader.names())
         projection = "visual_projection.weight"
         projection_dim = reader.shape(projection)[0] if projection in names else None
@@ -161,5 +161,5 @@ def load_clip_vision_encoder(
         # CLIPVisionModelWithProjection / CLIPModel use it.
         prefix = "vision_model." if any(n.startswith("vision_model.") for n in names) else ""
         hf_names = {p: _vision_hf_name(p, prefix) for p in expected}
-        params = _assemble(reader, expected, hf_names, _vision_ignored, target, sharding, directory)
+        params = assemble(reader, expected, hf_names, _vision_ignored, target, sharding, directory)
     return module, params

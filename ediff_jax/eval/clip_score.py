@@ -29,8 +29,9 @@ from ediff_jax.eval.clip_loading import (
 )
 from ediff_jax.eval.clip_vision import CLIPVisionEncoder
 from ediff_jax.eval.frechet import compute_features
+from ediff_jax.hf_checkpoint import CheckpointError, checkpoint_dir
 from ediff_jax.text.clip import CLIPTextEncoder
-from ediff_jax.text.loading import CheckpointError, _checkpoint_dir, load_clip_text_encoder, load_tokenizer
+from ediff_jax.text.loading import load_clip_text_encoder, load_tokenizer
 
 
 def clip_preprocess(images: np.ndarray, preprocessing: CLIPImagePreprocessing) -> np.ndarray:
@@ -108,8 +109,8 @@ class CLIPScorer:
         """Both towers from a ``CLIPModel`` directory, or the text tower and tokenizer from
         ``text_path`` when ``path`` holds only a vision model. Either may be a hub id
         ``org/name[@revision]``; each is resolved once, so all parts come from one snapshot."""
-        vision_dir = _checkpoint_dir(path)
-        text_dir = vision_dir if text_path is None else _checkpoint_dir(text_path)
+        vision_dir = checkpoint_dir(path)
+        text_dir = vision_dir if text_path is None else checkpoint_dir(text_path)
         vision_module, vision_params = load_clip_vision_encoder(vision_dir, dtype)
         text = load_clip_text_encoder(text_dir, dtype)
         preprocessing = load_clip_preprocessing(vision_dir, vision_module.config.image_size)

@@ -8,7 +8,9 @@ per-pixel weighted average), so the sampler sees one canvas-sized D(x; sigma).
   fusion.py    the least-squares fusion (`fuse`, `fuse_batched`)
   denoiser.py  any denoise_fn(x, sigma) -> a canvas denoiser, crops vmapped in chunks
   regions.py   region prompts with masks, and bootstrapping (paper Sec. 4.2)
-  sampler.py   text-to-image on a trained workdir (`MultiDiffusionSampler`, the CLI's entry)
+  sampler.py   text-to-image on a trained workdir (`MultiDiffusionSampler`, the CLI's entry);
+               `canvas_denoiser` composes guidance, canvas-aligned conditioning (paint-with-words
+               masks at canvas size, cut per crop) and region prompts
 
 Typical use with any denoiser:
 
@@ -19,8 +21,10 @@ Typical use with any denoiser:
 
 from ediff_jax.multidiffusion.denoiser import map_views, multidiffusion_denoiser, tiled_denoiser
 from ediff_jax.multidiffusion.fusion import fuse, fuse_batched
-from ediff_jax.multidiffusion.regions import bootstrap_sigma, box_mask, check_masks, region_denoiser, region_weights
-from ediff_jax.multidiffusion.sampler import MultiDiffusionSampler, load_mask, parse_region, sample_canvas_from_workdir
+from ediff_jax.multidiffusion.regions import (bootstrap_sigma, box_mask, check_masks, region_denoiser,
+                                              region_view_denoiser, region_weights)
+from ediff_jax.multidiffusion.sampler import (CANVAS_COND_KEYS, MultiDiffusionSampler, canvas_denoiser, load_mask,
+                                              parse_region, sample_canvas_from_workdir)
 from ediff_jax.multidiffusion.views import Tiling, crop, crop_views, get_views, wrap_canvas
 
 __all__ = [
@@ -35,11 +39,14 @@ __all__ = [
     "tiled_denoiser",
     "multidiffusion_denoiser",
     "region_denoiser",
+    "region_view_denoiser",
     "region_weights",
     "bootstrap_sigma",
     "check_masks",
     "box_mask",
     "MultiDiffusionSampler",
+    "canvas_denoiser",
+    "CANVAS_COND_KEYS",
     "sample_canvas_from_workdir",
     "load_mask",
     "parse_region",

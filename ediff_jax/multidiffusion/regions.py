@@ -22,7 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ediff_jax.multidiffusion.denoiser import DenoiseFn, check_chunk_size, map_views
+from ediff_jax.multidiffusion.denoiser import (
+    DenoiseFn,
+    ViewDenoiseFn,
+    check_chunk_size,
+    map_views,
+)
 from ediff_jax.multidiffusion.fusion import concrete_or_none, fuse_batched
 from ediff_jax.multidiffusion.views import Tiling, crop, wrap_canvas
 
@@ -122,6 +127,22 @@ def region_denoiser(
     random colours and noise come from `rng` folded with sigma and the view index, so a
     run is reproducible.
     """
+    return region_view_denoiser(lambda crops, sigma, view: denoise_fn(crops, sigma), tiling, masks, rng=rng,
+                                bootstrap_above=bootstrap_above, chunk_size=chunk_size)
+
+
+def region_view_denoiser(
+    view_fn: ViewDenoiseFn,
+    tiling: Tiling,
+    masks: Array,
+    *,
+    rng: Array,
+    bootstrap_above: float = math.inf,
+    chunk_size: int | None = None,
+) -> DenoiseFn:
+    """`region_denoiser` whose crop denoiser also gets the view's offset, `view_fn(crops, sigma, view)`,
+    so it can cut the matching crop of canvas-aligned conditioning (paint-with-words masks), as
+    `tiled_denoiser` does for a single prompt."""
     check_chunk_size(chunk_size)
     value = concrete_or_none(masks)
     if value is not None:
@@ -156,7 +177,7 @@ def region_denoiser(
                 m = wc[1:, None]  # [K, 1, h, w, 1]
                 xr = jnp.where(boot, xr * m + background * (1.0 - m), xr).astype(x.dtype)
             crops = jnp.concatenate([xc[None], xr], axis=0).reshape((k + 1) * b, h, w, c)
-            d = denoise_fn(crops, sigma)
+            d = view_fn(crops, sigma, view)
             chex.assert_shape(d, ((k + 1) * b, h, w, c))
             return d.reshape(k + 1, b, h, w, c), wc
 

@@ -9,7 +9,7 @@ runtime inputs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,15 +18,43 @@ import numpy as np
 from PIL import Image
 
 from ediff_jax import edm, sr
+from ediff_jax import paint_with_words as pww
 from ediff_jax.images import ensure_writable_dir, to_uint8
-from ediff_jax.multidiffusion.denoiser import check_chunk_size, multidiffusion_denoiser, tiled_denoiser
-from ediff_jax.multidiffusion.regions import bootstrap_sigma, check_bootstrap_fraction, check_masks, region_denoiser
+from ediff_jax.multidiffusion.denoiser import check_chunk_size, tiled_denoiser
+from ediff_jax.multidiffusion.regions import bootstrap_sigma, check_bootstrap_fraction, check_masks, region_view_denoiser
 from ediff_jax.multidiffusion.views import Tiling, crop, wrap_canvas
 from ediff_jax.paths import as_path
-from ediff_jax.sampling import check_base_workdir, load_workdir, make_model_fn, read_workdir_config, write_samples
+from ediff_jax.sampling import make_model_fn, write_samples
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
+from ediff_jax.workdirs import check_base_workdir, load_workdir, read_workdir_config
 
 Region = tuple[str, Any]  # (prompt, mask [H, W] in [0, 1] or a path to a PNG)
+# Conditioning arrays laid out on the canvas ([rows, H, W, ...]): each crop's denoiser call gets
+# its own crop of them. Paint-with-words masks are the one kind today.
+CANVAS_COND_KEYS = ("pww_mask",)
+
+
+def canvas_denoiser(model_fn: Any, cond: dict, tiling: Tiling, *, guidance: Any, region_masks: Any = None,
+                    rng: Any = None, bootstrap_above: float = float("inf"), chunk_size: int | None = None) -> Any:
+    """D(x; sigma) on the canvas: classifier-free guidance of `model_fn(x, sigma, cond)` on every crop,
+    fused by least squares, with region prompts when `region_masks` [K, H, W] are given.
+
+    `cond` holds one row per canvas of the batch, or, with K regions, (K + 1) * B rows prompt-major
+    (background first, as `region_denoiser` expects). Entries named in `CANVAS_COND_KEYS` lie on the
+    canvas ([rows, H, W, ...]); each crop is conditioned on its own crop of them, so painting a
+    region of the canvas conditions exactly the crops that overlap it. `rng` drives region
+    bootstrapping (needed with regions).
+    """
+    canvas = {k: wrap_canvas(cond[k], tiling) for k in CANVAS_COND_KEYS if k in cond}
+
+    def view_fn(xc: jax.Array, sigma: jax.Array, view: jax.Array) -> jax.Array:
+        c = {**cond, **{k: crop(v, view, tiling) for k, v in canvas.items()}}
+        return edm.guided_denoiser(model_fn, c, unconditional(c), guidance)(xc, sigma)
+
+    if region_masks is not None and region_masks.shape[0]:
+        return region_view_denoiser(view_fn, tiling, region_masks, rng=rng, bootstrap_above=bootstrap_above,
+                                    chunk_size=chunk_size)
+    return tiled_denoiser(view_fn, tiling, chunk_size=chunk_size)
 
 
 def default_stride(window: int) -> int:
@@ -96,7 +124,8 @@ class MultiDiffusionSampler:
         sample_fn = edm.SAMPLERS[sampler]
 
         def run(params: Any, enc_params: Any, tokens: Any, region_tokens: Any, masks: jax.Array, rng: jax.Array,
-                guidance: jax.Array, lowres: Any, aug_level: Any, use_t5: bool, use_clip: bool) -> jax.Array:
+                guidance: jax.Array, lowres: Any, aug_level: Any, extra_cond: dict, use_t5: bool,
+                use_clip: bool) -> jax.Array:
             cond = select_encoders(encoders.encode(enc_params, tokens), use_t5, use_clip)
             batch, num_regions = tokens["t5_ids"].shape[0], masks.shape[0]
             if num_regions:  # prompt-major batch: [background x B, region 1 x B, ...]
@@ -107,21 +136,20 @@ class MultiDiffusionSampler:
                 noisy_low = sr.noise_lowres(jax.random.fold_in(rng, 2), lowres, aug_level)
                 low = wrap_canvas(noisy_low, low_tiling)
                 f = self.lowres_factor
+                canvas = {k: wrap_canvas(extra_cond[k], tiling) for k in CANVAS_COND_KEYS if k in extra_cond}
 
                 def view_fn(xc: jax.Array, sigma: jax.Array, view: jax.Array) -> jax.Array:
-                    c = {**cond, "lowres": crop(low, view // f, low_tiling), "aug_level": aug_level}
+                    c = {**cond, **extra_cond, **{k: crop(v, view, tiling) for k, v in canvas.items()},
+                         "lowres": crop(low, view // f, low_tiling), "aug_level": aug_level}
                     return edm.guided_denoiser(model_fn, c, unconditional(c), guidance)(xc, sigma)
 
                 denoise = tiled_denoiser(view_fn, tiling, chunk_size=chunk_size)
                 x = sr.initial_state(rng, (batch, tiling.height, tiling.width, 3), sigmas[0], noisy_low,
                                      bool(getattr(model, "lowres_residual", False)))
                 return sample_fn(denoise, x, sigmas, progress=progress)
-            base = edm.guided_denoiser(model_fn, cond, unconditional(cond), guidance)
-            if num_regions:
-                denoise = region_denoiser(base, tiling, masks, rng=jax.random.fold_in(rng, 1),
-                                          bootstrap_above=self.bootstrap_above, chunk_size=chunk_size)
-            else:
-                denoise = multidiffusion_denoiser(base, tiling, chunk_size=chunk_size)
+            denoise = canvas_denoiser(model_fn, {**cond, **extra_cond}, tiling, guidance=guidance, region_masks=masks,
+                                      rng=jax.random.fold_in(rng, 1), bootstrap_above=self.bootstrap_above,
+                                      chunk_size=chunk_size)
             # Same initial noise as `Sampler` for the same seed: one view reproduces it exactly.
             x = jax.random.normal(rng, (batch, tiling.height, tiling.width, 3)) * sigmas[0]
             return sample_fn(denoise, x, sigmas, progress=progress)
@@ -130,11 +158,16 @@ class MultiDiffusionSampler:
 
     def __call__(self, params: Any, prompts: Sequence[str], *, regions: Sequence[Region] = (), guidance: float = 3.0,
                  seed: int = 0, use_t5: bool = True, use_clip: bool = True, lowres: Any = None,
-                 aug_level: float = 0.0) -> np.ndarray:
+                 aug_level: float = 0.0, extra_cond: dict | None = None) -> np.ndarray:
         """One canvas per prompt (its background prompt when `regions` are given); uint8 [N, H, W, 3].
 
         `regions` are (prompt, mask) pairs shared by all canvases; masks are [H, W] in [0, 1].
         An SR stage takes `lowres` [N, H/f, W/f, 3] (uint8 or [-1, 1]) and `aug_level`.
+        `extra_cond` adds conditioning arrays with one row per prompt row the model sees: N rows,
+        or (K + 1) * N prompt-major with K regions (the background prompts, then each region's
+        prompt N times); `CANVAS_COND_KEYS` entries are at canvas size (e.g. paint-with-words
+        masks from `paint_with_words.pww_cond(..., (H, W))`) and are cut per crop. They are
+        runtime inputs: a new painting does not recompile.
         """
         prompts = list(prompts)
         if not prompts:
@@ -149,12 +182,25 @@ class MultiDiffusionSampler:
             raise ValueError("`lowres` was given, but this model is a base (text-to-image) model, not an SR stage.")
         region_prompts = [str(p) for p, _ in regions]
         masks = check_masks([m for _, m in regions], self.tiling.height, self.tiling.width, region_prompts)
+        extra = self._check_extra_cond(extra_cond, len(prompts) * (len(regions) + 1))
         tokens = self.encoders.tokenize(prompts)
         region_tokens = self.encoders.tokenize(region_prompts) if region_prompts else None
         images = self._run(params, self.encoders.params, tokens, region_tokens, jnp.asarray(masks),
-                           jax.random.PRNGKey(seed), jnp.float32(guidance), low, level, use_t5=use_t5,
+                           jax.random.PRNGKey(seed), jnp.float32(guidance), low, level, extra, use_t5=use_t5,
                            use_clip=use_clip)
         return to_uint8(jax.device_get(images))
+
+    def _check_extra_cond(self, extra_cond: dict | None, rows: int) -> dict:
+        """`extra_cond` as arrays, after checking their rows and (canvas entries) their canvas size."""
+        extra = {k: jnp.asarray(v) for k, v in (extra_cond or {}).items()}
+        for key, value in extra.items():
+            if value.shape[:1] != (rows,):
+                raise ValueError(f"extra_cond[{key!r}] has {value.shape[:1]} rows; it needs one per prompt row the "
+                                 f"model sees ({rows}: prompts x (regions + 1), background prompts first).")
+            if key in CANVAS_COND_KEYS and value.shape[1:3] != self.tiling.shape:
+                raise ValueError(f"extra_cond[{key!r}] is {value.shape[1]}x{value.shape[2]}; it lies on the canvas, "
+                                 f"so it must be {self.tiling.height}x{self.tiling.width}.")
+        return extra
 
 
 def parse_region(spec: str) -> tuple[str, str]:
@@ -196,11 +242,17 @@ def sample_canvas_from_workdir(
     bootstrap_fraction: float = 0.2,
     progress: bool = True,
     ema_decay: float | None = None,
+    paint: Mapping[str, Any] | None = None,
+    pww_weight: float = 0.4,
+    ema_sigma_rel: float | None = None,
 ) -> np.ndarray:
     """Writes one PNG per canvas and `grid.png` to `out`; returns uint8 [len(prompts) * num, H, W, 3].
 
     Canvas size defaults to the model's; every input (canvas, stride, masks) is checked
-    before the checkpoint is loaded.
+    before the checkpoint is loaded. `paint` ({phrase: mask}, masks of any size, stretched
+    to the canvas) adds paint-with-words at strength `pww_weight`: each crop is conditioned
+    on its crop of the painting, and with `regions` each prompt (background or region) takes
+    the painted phrases it contains. Then `masks.png` and `paint.txt` are written too.
     """
     if not prompts:
         raise ValueError("Give at least one prompt.")
@@ -216,8 +268,9 @@ def sample_canvas_from_workdir(
     check_bootstrap_fraction(bootstrap_fraction)
     regions = [(p, load_mask(m, height, width) if isinstance(m, (str, Path)) else m) for p, m in regions]
     check_masks([m for _, m in regions], height, width, [p for p, _ in regions])
+    raw_paint = {phrase: pww.load_mask(m, None, what=repr(phrase)) for phrase, m in (paint or {}).items()}
     out = ensure_writable_dir(out or workdir / "samples")
-    config, exp, ema_params = load_workdir(workdir, ema_decay=ema_decay)
+    config, exp, ema_params = load_workdir(workdir, ema_decay=ema_decay, ema_sigma_rel=ema_sigma_rel)
     sample = MultiDiffusionSampler(
         exp.model, exp.encoders, image_size=size, height=height, width=width, stride=stride, circular=circular,
         steps=int(config.sample.steps) if steps is None else steps, sampler=sampler or config.sample.sampler,
@@ -225,8 +278,33 @@ def sample_canvas_from_workdir(
         progress=progress, boundaries=getattr(exp, "boundaries", None),
     )
     guidance = float(config.sample.guidance) if guidance is None else float(guidance)
-    images = sample(ema_params, [p for p in prompts for _ in range(num)], regions=regions, guidance=guidance,
-                    seed=seed, use_t5=use_t5, use_clip=use_clip)
+    expanded = [p for p in prompts for _ in range(num)]
+    extra = canvas_paint_cond(exp.encoders, expanded, regions, raw_paint, (height, width), pww_weight) if paint else None
+    images = sample(ema_params, expanded, regions=regions, guidance=guidance, seed=seed, use_t5=use_t5,
+                    use_clip=use_clip, extra_cond=extra)
     cols = num if width <= 2 * height else 1  # panoramas stack one per row
     write_samples(images, out, num, list(prompts) + [f"region: {p}" for p, _ in regions], cols=cols)
+    if paint:
+        pww.write_paint_record(out, paint, raw_paint, (height, width), pww_weight)
     return images
+
+
+def canvas_paint_cond(encoders: TextEncoders, prompts: Sequence[str], regions: Sequence[Region],
+                      paint: Mapping[str, Any], size: tuple[int, int], weight: float,
+                      only_present: bool | None = None) -> dict:
+    """Paint-with-words conditioning for `MultiDiffusionSampler` at canvas size, one row per prompt
+    row it samples (the prompts, then each region's prompt once per prompt).
+
+    Without regions every prompt must contain every painted phrase (as in plain sampling); with
+    regions each prompt takes the phrases it has, and a phrase that no prompt has is refused.
+    `only_present=True` lets each prompt take the phrases it has without regions too (the SR
+    stages of a region-prompted cascade, which see the prompts only).
+    """
+    rows = list(prompts) + [str(p) for p, _ in regions for _ in prompts]
+    if regions:
+        missing = [ph for ph in paint if not any(pww.phrase_in_prompt(encoders, p, ph) for p in set(rows))]
+        if missing:
+            raise ValueError(f"Painted phrase(s) {missing} occur in neither the prompt nor any --region prompt; paint "
+                             "phrases copied word for word from one of them.")
+    only_present = bool(regions) if only_present is None else only_present
+    return pww.pww_cond(encoders, rows, paint, size, weight, only_present=only_present)

@@ -27,8 +27,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # this checkout's ediff_jax (and experiments), not another install
 
 import numpy as np
 
@@ -104,7 +102,7 @@ def ablation_config(*, experts: int = 1, steps: int = 1200, batch: int = 24, smo
 def is_trained(workdir: str | Path, num_steps: int | None = None) -> bool:
     """Whether `workdir` holds a checkpoint of a finished run (of `num_steps` steps, when given)."""
     from ediff_jax.checkpoints import kept_steps
-    from ediff_jax.sampling import read_workdir_config
+    from ediff_jax.workdirs import read_workdir_config
 
     workdir = Path(workdir).expanduser()
     if not (workdir / "config.json").exists():
@@ -119,14 +117,14 @@ def train_or_reuse(config: Any, workdir: str | Path) -> Path:
 
     An unfinished run resumes (the trainer restarts from its last checkpoint).
     """
-    from ediff_jax import trainer
+    from ediff_jax import training
 
     workdir = Path(workdir).expanduser()
     if is_trained(workdir, int(config.train.num_steps)):
         print(f"Reusing the trained workdir {workdir}.", flush=True)
         return workdir
     print(f"Training {workdir} ({config.train.num_steps} steps at batch {config.train.batch_size}).", flush=True)
-    trainer.train_and_evaluate(config, workdir)
+    training.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -201,7 +199,7 @@ def load_model(workdir: str | Path, ema_decay: float | None = None) -> Model:
 
     `ema_decay` picks one of the EMAs the run kept (default: config.train.ema_decay).
     """
-    from ediff_jax.sampling import check_base_workdir, load_workdir
+    from ediff_jax.workdirs import check_base_workdir, load_workdir
 
     workdir = Path(workdir).expanduser()
     check_base_workdir(workdir)
@@ -211,7 +209,7 @@ def load_model(workdir: str | Path, ema_decay: float | None = None) -> Model:
 
 def load_model_params(workdir: str | Path, step: int, ema_decay: float | None = None) -> Any:
     """The EMA parameters of checkpoint `step` of a workdir (learning curves)."""
-    from ediff_jax.sampling import load_workdir
+    from ediff_jax.workdirs import load_workdir
 
     return load_workdir(Path(workdir).expanduser(), ema_decay=ema_decay, step=step)[2]
 

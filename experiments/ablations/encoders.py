@@ -10,24 +10,16 @@ validation images. `none` (both dropped: the unconditional model) is the floor.
   python experiments/ablations/encoders.py --workdir workdirs/quickstart --out experiments/results/encoders
   python experiments/ablations/encoders.py --out /tmp/abl_encoders --smoke      # the tests run this
 
-Without --workdir the quickstart model is trained into workdirs/quickstart first (README:
-9 min 43 s) or reused from there.
+Without --workdir the quickstart model is trained into workdirs/quickstart first (see the
+README) or reused from there.
 
-CPU time (the project's 2-core VM, shared with other jobs; jax 0.10.2), measured; CPU is
-the process time of all threads:
-- `--smoke` from scratch (trains the smoke model, cold compilation cache): 32 s CPU, 36 s wall.
-- full (96 captions x 3 settings, 24 Heun steps, the 1200-step quickstart model given by
-  --workdir): 279 s CPU, 418 s wall.
+Run times on the 2-core VM: BENCHMARKS.md, "Experiment run times".
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.ablations import common
 
 SETTINGS = {"both": (True, True), "t5": (True, False), "clip": (False, True), "none": (False, False)}

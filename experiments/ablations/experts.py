@@ -18,27 +18,14 @@ Trained runs land in --workdir_root (default workdirs/ablation_experts/experts{E
 reused when finished, so a rerun only evaluates. Runs given by --workdir must have been
 trained on as many samples (steps x batch) as each other; otherwise the script stops.
 
-CPU time (the project's 2-core VM, shared with other jobs; jax 0.10.2); CPU is the process
-time of all threads:
-- `--smoke` (measured, from scratch: cold compilation cache, data already prepared): 113 s
-  CPU, 128 s wall. Three tiny trainings of 3 steps, each tracing and compiling its expert
-  phases' train steps: that is nearly all of it, and it cannot shrink below three trainings.
-- full (1200 steps at batch 24 per layout, 96 captions, 24 Heun steps): estimated, not run:
-  about 55 min CPU / 50 min wall. Training: the quickstart's 1200 steps at batch 16 took
-  649 s CPU here (README: 9 min 43 s wall unloaded); batch 24 is 1.5x the samples, and
-  BENCHMARKS.md measures the CPU-default unrolled 3-expert step at 1.17x the single model's
-  per-sample throughput, so about 16 min CPU per layout. Evaluation: 85 s CPU per 96 images
-  (measured by guidance.py) per layout.
+Run times on the 2-core VM: BENCHMARKS.md, "Experiment run times".
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.ablations import common
 
 DEFAULT_LOSS_SIGMAS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
@@ -60,7 +47,7 @@ def parse_workdirs(items: Sequence[str] | None) -> dict[int, Path]:
 
 def check_equal_samples(workdirs: dict[int, Path], samples: int | None = None) -> None:
     """The ablation compares layouts at equal training samples; refuse runs that differ (or differ from `samples`)."""
-    from ediff_jax.sampling import read_workdir_config
+    from ediff_jax.workdirs import read_workdir_config
 
     trained = {}
     for num, workdir in workdirs.items():

@@ -10,24 +10,16 @@ KID to real validation images (the stand-in for FID: the shipped ediff_shapes fe
   python experiments/ablations/guidance.py --workdir workdirs/quickstart --out experiments/results/guidance
   python experiments/ablations/guidance.py --out /tmp/abl_guidance --smoke      # the tests run this
 
-Without --workdir the quickstart model is trained into workdirs/quickstart first (README:
-9 min 43 s) or reused from there.
+Without --workdir the quickstart model is trained into workdirs/quickstart first (see the
+README) or reused from there.
 
-CPU time (the project's 2-core VM, shared with other jobs; jax 0.10.2), measured; CPU is
-the process time of all threads:
-- `--smoke` from scratch (trains the smoke model, cold compilation cache): 26 s CPU, 27 s wall.
-- full (96 captions x 6 scales, 24 Heun steps, the 1200-step quickstart model given by
-  --workdir): 511 s CPU, 777 s wall.
+Run times on the 2-core VM: BENCHMARKS.md, "Experiment run times".
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.ablations import common
 
 COLUMNS = ("guidance", *common.ALIGNMENT_COLUMNS, "one_object_color_shape_accuracy", "two_object_relation_accuracy",

@@ -14,23 +14,16 @@ KID to real validation images (painting should not make images less realistic).
 
 `chance` is the mean painted area: the placement accuracy of a centre dropped uniformly at
 random. Without --workdir the quickstart model is trained into workdirs/quickstart first
-(README: 9 min 43 s) or reused from there.
+(see the README) or reused
+from there.
 
-CPU time (the project's 2-core VM, shared with other jobs; jax 0.10.2), measured; CPU is
-the process time of all threads:
-- `--smoke` from scratch (trains the smoke model, cold compilation cache): 25 s CPU, 25 s wall.
-- full (6 layouts x 4 pairs x 2 seeds = 48 images x 4 weights, 24 Heun steps, the 1200-step
-  quickstart model given by --workdir): 176 s CPU, 242 s wall.
+Run times on the 2-core VM: BENCHMARKS.md, "Experiment run times".
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments import pww_placement
 from experiments.ablations import common
 

@@ -19,24 +19,16 @@ Per stride, from the same noise:
   python experiments/ablations/stride.py --workdir workdirs/quickstart --out experiments/results/stride
   python experiments/ablations/stride.py --out /tmp/abl_stride --smoke      # the tests run this
 
-Without --workdir the quickstart model is trained into workdirs/quickstart first (README:
-9 min 43 s) or reused from there.
+Without --workdir the quickstart model is trained into workdirs/quickstart first (see the
+README) or reused from there.
 
-CPU time (the project's 2-core VM, shared with other jobs; jax 0.10.2), measured; CPU is
-the process time of all threads:
-- `--smoke` from scratch (trains the smoke model, cold compilation cache): 31 s CPU, 31 s wall.
-- full (6 prompts, 32x128 canvases, strides 4/8/16/32, 24 Heun steps, the 1200-step
-  quickstart model given by --workdir): 286 s CPU, 286 s wall.
+Run times on the 2-core VM: BENCHMARKS.md, "Experiment run times".
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.ablations import common
 
 DEFAULT_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple square",

@@ -89,9 +89,7 @@ def conv_table(repeats: int) -> list[str]:
 
 
 def step_worker(repeats: int) -> None:
-    sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
-    sys.path.insert(0, str(REPO))
-    import train_bench
+    from experiments.benchmarks import train_bench
 
     from ediff_jax.config_utils import load_config
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ediff_jax import experts, parallel, trainer
+from ediff_jax import experts, parallel, training
 from ediff_jax.config_utils import load_config
 from ediff_jax.sampling import Sampler
 
@@ -52,10 +52,10 @@ def sampling_bench(exp, params, boundaries, batch: int, steps: int, repeats: int
 
 
 def train_bench(exp, phase: int, batch: int, repeats: int) -> float:
-    state, shardings = trainer.init_train_state(exp)
+    state, shardings = training.init_train_state(exp)
     for p in range(1, phase + 1):
-        state, shardings = trainer.branch_state(exp, state, p)
-    step = trainer.compile_train_step(exp, shardings, phase)
+        state, shardings = training.branch_state(exp, state, p)
+    step = training.compile_train_step(exp, shardings, phase)
     rng = np.random.default_rng(0)
     data = parallel.shard_batch({"image": rng.uniform(-1, 1, (batch, *exp.image_shape)).astype(np.float32),
                                  **exp.encoders.tokenize(["a red circle"] * batch)}, exp.mesh)
@@ -74,22 +74,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="sampling batch")
     ap.add_argument("--train_batch", type=int, default=24, help="train batch (divisible by 3)")
     ap.add_argument("--steps", type=int, default=24, help="sampler steps")
-    ap.add_argument("--train_maps", nargs="+", default=list(trainer.EXPERT_TRAIN_MAPS),
-                    choices=trainer.EXPERT_TRAIN_MAPS, help="expert train maps to measure (config.experts.train_map)")
+    ap.add_argument("--train_maps", nargs="+", default=list(training.EXPERT_TRAIN_MAPS),
+                    choices=training.EXPERT_TRAIN_MAPS, help="expert train maps to measure (config.experts.train_map)")
     ap.add_argument("--out", default=None, help="optional JSON output path")
     args = ap.parse_args()
 
     base = load_config(f"{REPO}/configs/experts.py:experts=3,steps=30,batch={args.train_batch}")
     base.mesh.data = 1  # one device: the question is the cost of experts, not parallelism
-    exp3 = trainer.build_experiment(base)
+    exp3 = training.build_experiment(base)
     single_cfg = base.copy_and_resolve_references()
     single_cfg.experts.phases, single_cfg.experts.phase_steps = (), ()
-    exp1 = trainer.build_experiment(single_cfg)
+    exp1 = training.build_experiment(single_cfg)
 
-    state1, _ = trainer.init_train_state(exp1)
+    state1, _ = training.init_train_state(exp1)
     params1 = state1.params
     params3 = experts.stack_experts([params1] * 3)
-    bounds = np.asarray(trainer.progress_meta(exp3, 2)["boundaries"], np.float32)
+    bounds = np.asarray(training.progress_meta(exp3, 2)["boundaries"], np.float32)
 
     t1, mem1 = sampling_bench(exp1, params1, None, args.batch, args.steps, args.repeats)
     t3, mem3 = sampling_bench(exp3, params3, bounds, args.batch, args.steps, args.repeats)
@@ -98,7 +98,7 @@ def main() -> None:
     for mode in args.train_maps:
         cfg = base.copy_and_resolve_references()
         cfg.experts.train_map = mode
-        s3[mode] = train_bench(trainer.build_experiment(cfg), 2, args.train_batch, args.repeats * 4)
+        s3[mode] = train_bench(training.build_experiment(cfg), 2, args.train_batch, args.repeats * 4)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params1))
 
     rows = [

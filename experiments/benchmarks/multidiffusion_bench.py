@@ -16,10 +16,8 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's ediff_jax, not an installed one
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -47,14 +47,13 @@ from typing import Any, Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # this checkout's ediff_jax, not an installed one
 
 import jax  # noqa: E402
 import jax.extend as jex  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ediff_jax import flops, parallel, trainer  # noqa: E402
+from ediff_jax import flops, parallel, training  # noqa: E402
 from ediff_jax.config_utils import load_config  # noqa: E402
 
 # name -> (config spec, default batch): base64 small at batch 8 so it finishes on 2 cores.
@@ -136,7 +135,7 @@ class OursBench:
         self.run(1)
 
 
-def text_batch(exp: trainer.Experiment, batch: int) -> dict[str, np.ndarray]:
+def text_batch(exp: training.Experiment, batch: int) -> dict[str, np.ndarray]:
     """Precomputed text embeddings (t5, clip, masks, pooled) of `batch` captions."""
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
     encoded = exp.encoders.encode(exp.encoders.params, exp.encoders.tokenize(captions))
@@ -148,9 +147,9 @@ def build_ours(config: ml_collections.ConfigDict, batch: int) -> tuple[OursBench
     config = config.copy_and_resolve_references()
     config.mesh.data = 1
     config.train.batch_size = batch
-    exp = trainer.build_experiment(config, devices=jax.devices()[:1])
-    state, shardings = trainer.init_train_state(exp)
-    train_step = trainer.compile_train_step(exp, shardings)
+    exp = training.build_experiment(config, devices=jax.devices()[:1])
+    state, shardings = training.init_train_state(exp)
+    train_step = training.compile_train_step(exp, shardings)
     size = int(config.data.image_size)
     rng = np.random.default_rng(0)
     host = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32), **text_batch(exp, batch)}

@@ -17,7 +17,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from ediff_jax.text.clip import CLIPTextEncoderConfig
-from ediff_jax.text.loading import _clip_hf_name, _t5_hf_name
+from ediff_jax.text.loading import clip_hf_name, t5_hf_name
 from ediff_jax.text.t5 import T5EncoderConfig
 
 WEIGHTS = "model.safetensors"
@@ -60,7 +60,7 @@ def export_t5_encoder(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(out_dir)
-    save_file(_hf_tensors(params, lambda p: _t5_hf_name(p, "shared.weight")), out_dir / WEIGHTS, metadata={"format": "pt"})
+    save_file(_hf_tensors(params, lambda p: t5_hf_name(p, "shared.weight")), out_dir / WEIGHTS, metadata={"format": "pt"})
 
 
 def export_clip_text_encoder(
@@ -88,4 +88,4 @@ def export_clip_text_encoder(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(out_dir)
-    save_file(_hf_tensors(params, lambda p: _clip_hf_name(p, "text_model.")), out_dir / WEIGHTS, metadata={"format": "pt"})
+    save_file(_hf_tensors(params, lambda p: clip_hf_name(p, "text_model.")), out_dir / WEIGHTS, metadata={"format": "pt"})
