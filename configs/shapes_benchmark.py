@@ -40,6 +40,11 @@ def get_config(arg: str | None = None):
     c.train.warmup_steps = 200
     c.train.ema_decay = 0.999  # ~700-step half-life: averages the last tenth of the run
     c.train.extra_ema_decays = (0.9995,)
+    # Post-hoc EMA snapshots (EDM2's sigma_rel 0.05 and 0.10): score any EMA width after the run with
+    # `experiments/shapes_benchmark.py --ema_sigma_rel S`; the warm-up above keeps 0.999 and 0.9995
+    # from taking effect in a 60-minute run (BENCHMARKS.md).
+    c.train.posthoc_ema.gammas = (16.97, 6.94)
+    c.train.posthoc_ema.every = 250
     c.train.log_every = 100
     c.train.ckpt_every = max(args.steps // 4, 1)  # four checkpoints: the learning curve
     c.train.keep_ckpts = 4

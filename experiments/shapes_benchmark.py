@@ -21,7 +21,7 @@ Every kept checkpoint is scored (the last with all prompts, the earlier ones wit
 intervals: with 144 images an accuracy is known to about +-4 points. Writes results.md/.csv,
 breakdown.md (the last checkpoint per colour, shape, relation and region), curve.png and
 samples.png. `--config` trains a variant into an empty --workdir (the rows of the alignment
-table in BENCHMARKS.md); `--guidance`, `--steps`, `--sampler` and `--ema_decay` score a
+table in BENCHMARKS.md); `--guidance`, `--steps`, `--sampler`, `--ema_decay` and `--ema_sigma_rel` score a
 trained run with other sampling settings.
 
 A workdir that already holds checkpoints is evaluated as it is (a run stopped by its time
@@ -183,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="Sampler (default: the workdir's config).")
     p.add_argument("--ema_decay", type=float, default=None,
                    help="Which EMA the run kept to score (default: config.train.ema_decay; others: its extra_ema_decays).")
+    p.add_argument("--ema_sigma_rel", type=float, default=None,
+                   help="Score the post-hoc EMA of this width (EDM2), reconstructed from the run's snapshots "
+                        "(config.train.posthoc_ema); excludes --ema_decay.")
     p.add_argument("--batch", type=int, default=48, help="Images per sampler call (one compiled program).")
     p.add_argument("--step", type=int, default=None,
                    help="Score this kept checkpoint alone, with all prompts (default: every kept one, the newest last).")
@@ -217,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             raise SystemExit(f"--step {args.step}: {workdir} keeps checkpoints {steps}; pick one of them.")
         steps = [args.step]
     # the newest checkpoint: its config, encoders and sampler settings
-    model = common.load_model(workdir, ema_decay=args.ema_decay)
+    model = common.load_model(workdir, ema_decay=args.ema_decay, ema_sigma_rel=args.ema_sigma_rel)
     sampler = model.sampler(args.steps, args.sampler)
     guidance = model.guidance if args.guidance is None else args.guidance
     checkpoints = steps if args.curve_fraction > 0 else steps[-1:]
@@ -230,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         prompts_two = relation_prompts(max(1, round(args.num_relation * share)), seed=args.seed)
         prompts_region = region_prompts(round(args.num_region * share), seed=args.seed)
         params = (model.params if step == newest
-                  else common.load_model_params(workdir, step, ema_decay=args.ema_decay))
+                  else common.load_model_params(workdir, step, ema_decay=args.ema_decay,
+                                                ema_sigma_rel=args.ema_sigma_rel))
         sample_clock = common.Clock()
         draw = lambda chunk, **kw: sampler(params, chunk, guidance=guidance, **kw)  # noqa: E731
         images_one = common.sample_batched(draw, prompts_one, args.batch, args.seed)
@@ -252,8 +256,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     notes = [
         f"Model: `{workdir}`, {model.config.train.batch_size} images per step. "
         f"Sampler: {args.steps or model.sampler_steps} "
-        f"{args.sampler or model.sampler_name} steps, guidance {guidance:g}, seed {args.seed}, EMA decay "
-        f"{args.ema_decay or model.config.train.ema_decay:g}.",
+        f"{args.sampler or model.sampler_name} steps, guidance {guidance:g}, seed {args.seed}, "
+        + (f"post-hoc EMA sigma_rel {args.ema_sigma_rel:g}." if args.ema_sigma_rel is not None else
+           f"EMA decay {args.ema_decay or model.config.train.ema_decay:g}."),
         f"Goals: one-object colour and shape with no extra object >= "
         f"{GOALS['one_object_color_shape_strict_accuracy']:.0%}, two-object prompts "
         f"with a relation fully correct >= {GOALS['two_object_relation_accuracy']:.0%}. Strict columns also "

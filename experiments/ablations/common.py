@@ -194,24 +194,26 @@ class Model:
                        sigma_data=self.sigma_data, boundaries=self.boundaries)
 
 
-def load_model(workdir: str | Path, ema_decay: float | None = None) -> Model:
+def load_model(workdir: str | Path, ema_decay: float | None = None, ema_sigma_rel: float | None = None) -> Model:
     """The EMA parameters of a base-model workdir (an SR stage is refused: it needs low-res inputs).
 
-    `ema_decay` picks one of the EMAs the run kept (default: config.train.ema_decay).
+    `ema_decay` picks one of the EMAs the run kept (default: config.train.ema_decay);
+    `ema_sigma_rel` reconstructs the post-hoc EMA of that width from the run's snapshots.
     """
     from ediff_jax.workdirs import check_base_workdir, load_workdir
 
     workdir = Path(workdir).expanduser()
     check_base_workdir(workdir)
-    config, exp, params = load_workdir(workdir, ema_decay=ema_decay)
+    config, exp, params = load_workdir(workdir, ema_decay=ema_decay, ema_sigma_rel=ema_sigma_rel)
     return Model(workdir, config, exp, params)
 
 
-def load_model_params(workdir: str | Path, step: int, ema_decay: float | None = None) -> Any:
+def load_model_params(workdir: str | Path, step: int, ema_decay: float | None = None,
+                      ema_sigma_rel: float | None = None) -> Any:
     """The EMA parameters of checkpoint `step` of a workdir (learning curves)."""
     from ediff_jax.workdirs import load_workdir
 
-    return load_workdir(Path(workdir).expanduser(), ema_decay=ema_decay, step=step)[2]
+    return load_workdir(Path(workdir).expanduser(), ema_decay=ema_decay, step=step, ema_sigma_rel=ema_sigma_rel)[2]
 
 
 # ---------------------------------------------------------------------------------------
