@@ -255,7 +255,7 @@ def float_dtype(dtype: Any) -> np.dtype:
         ) from err
     if not jnp.issubdtype(resolved, jnp.floating):
         raise CheckpointError(
-            f"cannot cast text-encoder weights to dtype={resolved.name!r}: it is not a floating dtype; "
+            f"cannot cast checkpoint weights to dtype={resolved.name!r}: it is not a floating dtype; "
             "pass jnp.float32, jnp.bfloat16 or jnp.float16"
         )
     return resolved

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from experiments import layout_probe, pww_figure, shapes_benchmark
-from experiments.ablations import common, encoders, experts, guidance, pww_weight, stride
+from experiments.ablations import common, encoders, experts, guidance, posthoc_ema, pww_weight, stride
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,27 @@ def test_guidance_smoke(smoke_workdir, tmp_path):
     for row in rows:
         assert_accuracy(row["all_ok_accuracy"])
         assert_distances(row)
+
+
+@pytest.mark.slow
+def test_posthoc_ema_smoke(shapes_data_dir, tmp_path):
+    """Trains the smoke model with post-hoc snapshots, reconstructs two EMA widths and scores them beside
+    the tracked EMA; a --workdir without snapshots is refused in one line naming the config to use."""
+    from ediff_jax.workdirs import read_workdir_config
+
+    rows = posthoc_ema.main(["--smoke", "--data_dir", shapes_data_dir, "--out", str(tmp_path / "out")])
+    decay = float(read_workdir_config(tmp_path / "out" / "workdir").train.ema_decay)
+    table = check_outputs(tmp_path / "out", rows, "ema", [f"tracked {decay:g}", "sigma_rel 0.05", "sigma_rel 0.2"],
+                          ["metrics.png", "samples.png"])
+    for row in table:
+        assert_accuracy(float(row["all_ok_accuracy"]))
+    for row in rows:
+        assert_distances(row)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(common.ablation_config(smoke=True).to_json_best_effort())
+    with pytest.raises(ValueError, match="needs post-hoc EMA snapshots"):
+        posthoc_ema.main(["--smoke", "--workdir", str(plain), "--out", str(tmp_path / "refused")])
 
 
 @pytest.mark.slow
