@@ -217,7 +217,7 @@ def test_posthoc_ema_of_a_training_run_matches_the_tracked_power_ema(shapes_data
     np.testing.assert_allclose(flat(tracked.params), flat(snapshotted.params), rtol=1e-5, atol=1e-6)  # same training
     err = np.linalg.norm(flat(recon) - direct)
     nearest = min(np.linalg.norm(flat(e) - direct) for e in snapshotted.power_emas)
-    assert err < 0.1 * nearest, (err, nearest)
+    assert err < 0.01 * nearest, (err, nearest)  # measured 0.0024x (2026-12-03)
     with pytest.raises(ValueError, match="needs post-hoc EMA snapshots, and this workdir's run kept none"):
         load_workdir(_no_posthoc_workdir(shapes_data_dir, tmp_path), ema_sigma_rel=target)
 
