@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ediff_jax import edm, logs, posthoc_snapshots, sr
+from ediff_jax import edm, logs, sr
 from ediff_jax import paint_with_words as pww
 from ediff_jax.images import ensure_writable_dir
 from ediff_jax.multidiffusion import MultiDiffusionSampler
@@ -26,7 +26,7 @@ from ediff_jax.multidiffusion.regions import check_masks
 from ediff_jax.multidiffusion.sampler import Region, canvas_paint_cond, check_bootstrap_fraction, load_mask
 from ediff_jax.paths import as_path
 from ediff_jax.sampling import Sampler, write_samples
-from ediff_jax.workdirs import ema_field, load_workdir, read_workdir_config
+from ediff_jax.workdirs import check_ema_choice, load_workdir, read_workdir_config
 
 SR_MODES = ("full", "tiles")
 
@@ -115,11 +115,7 @@ def check_ema_decay(stages: Sequence[Stage], ema_decay: float | None, ema_sigma_
 
     for stage in stages:
         try:
-            ema_field(stage.config, ema_decay)
-            if ema_sigma_rel is not None:
-                if ema_decay is not None:
-                    raise ValueError("pick the EMA one way: --ema_decay or --ema_sigma_rel, not both.")
-                posthoc_snapshots.check_sigma_rel(stage.config, ema_sigma_rel)
+            check_ema_choice(stage.config, ema_decay, ema_sigma_rel)
         except ValueError as e:
             raise ValueError(f"{stage.workdir}: {e}") from None
 

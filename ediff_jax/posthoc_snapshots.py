@@ -46,9 +46,14 @@ class SnapshotWriter:
         if jax.process_index() == 0 and directory.is_dir():
             for entry in directory.iterdir():
                 if entry.name.isdigit() and int(entry.name) > int(start_step):
+                    target = directory / f"superseded_{entry.name}"
+                    for n in range(1, 1000):  # an earlier resume may have set this step aside already
+                        if not target.exists():
+                            break
+                        target = directory / f"superseded_{entry.name}_{n}"
                     logs.warning(f"Post-hoc EMA snapshot {entry} is past the resumed step {start_step}; moved it to "
-                                 f"superseded_{entry.name} (the run writes that step again).")
-                    entry.rename(directory / f"superseded_{entry.name}")
+                                 f"{target.name} (the run writes that step again).")
+                    entry.rename(target)
         self.store = Checkpointer(workdir, keep=None, subdir=SUBDIR)
 
     def maybe_save(self, step: int, state: Any) -> None:

@@ -87,6 +87,17 @@ def ema_field(config: Any, ema_decay: float | None) -> tuple[str, int | None]:
     return "extra_emas", extra.index(float(ema_decay))
 
 
+def check_ema_choice(config: Any, ema_decay: float | None, ema_sigma_rel: float | None) -> tuple[str, int | None]:
+    """The EMA asked for exists in a run of `config` (checked before any checkpoint is read): a tracked
+    one (`ema_field`'s answer is returned) or, with `ema_sigma_rel`, post-hoc snapshots; not both."""
+    field = ema_field(config, ema_decay)
+    if ema_sigma_rel is not None:
+        if ema_decay is not None:
+            raise ValueError("Pick the EMA one way: --ema_decay (a tracked EMA) or --ema_sigma_rel (post-hoc), not both.")
+        posthoc_snapshots.check_sigma_rel(config, ema_sigma_rel)
+    return field
+
+
 def load_workdir(workdir: str | Path, devices: list | None = None, ema_decay: float | None = None,
                  step: int | None = None, ema_sigma_rel: float | None = None) -> tuple[Any, Any, Any]:
     """Config, experiment and EMA params of a trained workdir (latest checkpoint, or `step`).
@@ -105,11 +116,7 @@ def load_workdir(workdir: str | Path, devices: list | None = None, ema_decay: fl
     """
     workdir = as_path(workdir)
     config = read_workdir_config(workdir)
-    name, index = ema_field(config, ema_decay)
-    if ema_sigma_rel is not None:
-        if ema_decay is not None:
-            raise ValueError("Pick the EMA one way: --ema_decay (a tracked EMA) or --ema_sigma_rel (post-hoc), not both.")
-        posthoc_snapshots.check_sigma_rel(config, ema_sigma_rel)
+    name, index = check_ema_choice(config, ema_decay, ema_sigma_rel)
     ckpt = Checkpointer(workdir, read_only=True) if (workdir / "checkpoints").is_dir() else None
     if ckpt is None or not ckpt.all_steps():
         if ckpt is not None:
