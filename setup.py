@@ -41,6 +41,8 @@ EXTRAS = {
              "nbformat>=5.10", "ipykernel>=6", "gcp-storage-emulator==2026.7.19", "cryptography>=42"],
     # diffusers' UNet2DConditionModel (PyTorch, CPU) as the baseline of experiments/benchmarks/train_bench.py.
     "bench": ["diffusers==0.42.1", "torch==2.13.0"],
+    # The XLA TPU compiler (libtpu) for `python -m ediff_jax.plan`: compiles TPU programs on a CPU-only machine.
+    "tpu": ["jax[tpu]==0.10.2"],
 }
 
 setup(

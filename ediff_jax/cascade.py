@@ -14,32 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from ediff_jax import edm, logs, sr
+from ediff_jax import logs, sr
 from ediff_jax import paint_with_words as pww
-from ediff_jax.images import ensure_writable_dir
 from ediff_jax.multidiffusion import MultiDiffusionSampler
 from ediff_jax.multidiffusion.regions import check_masks
-from ediff_jax.multidiffusion.sampler import Region, canvas_paint_cond, check_bootstrap_fraction, load_mask
+from ediff_jax.multidiffusion.sampler import Region, canvas_paint_cond, load_mask
 from ediff_jax.paths import as_path
-from ediff_jax.sampling import Sampler, write_samples
+from ediff_jax.sampling import Sampler
+from ediff_jax.spec import SR_MODES, CanvasSpec, GenerationSpec, StageSettings, per_expert_guidance
 from ediff_jax.workdirs import check_ema_choice, load_workdir, read_workdir_config
 
-SR_MODES = ("full", "tiles")
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSettings:
-    """Per-stage sampling settings; None takes the stage config's own value."""
-
-    steps: int | None = None
-    guidance: float | None = None
-    aug_level: float | None = None  # SR stages only: noise added to the low-res input
-    seed: int | None = None
-    sampler: str | None = None
+__all__ = ["SR_MODES", "Stage", "StageSettings", "check_chain", "check_ema_decay", "load_stages", "num_experts",
+           "read_stages", "resolve_paint", "resolve_regions", "resolved_settings", "run_cascade"]
 
 
 @dataclasses.dataclass
@@ -128,136 +118,93 @@ def load_stages(stages: Sequence[Stage], ema_decay: float | None = None, ema_sig
         _, stage.exp, stage.params = load_workdir(stage.workdir, ema_decay=ema_decay, ema_sigma_rel=ema_sigma_rel)
 
 
-def _settings(stage: Stage, given: StageSettings, index: int, base_seed: int) -> StageSettings:
+def resolved_settings(stage: Stage, given: StageSettings, index: int, base_seed: int) -> StageSettings:
+    """Stage `index`'s settings with every None replaced by the stage config's value (seed: base_seed + index)."""
     c = stage.config
     return StageSettings(
         steps=int(c.sample.steps) if given.steps is None else given.steps,
-        guidance=float(c.sample.guidance) if given.guidance is None else float(given.guidance),
+        guidance=float(c.sample.guidance) if given.guidance is None else given.guidance,
         aug_level=float(c.sr.aug_level) if given.aug_level is None else float(given.aug_level),
         seed=base_seed + index if given.seed is None else int(given.seed),
         sampler=given.sampler or str(c.sample.sampler),
     )
 
 
-def run_cascade(
-    stages: Sequence[Stage],
-    prompts: Sequence[str],
-    settings: Sequence[StageSettings] = (),
-    *,
-    height: int | None = None,
-    width: int | None = None,
-    stride: int | None = None,
-    circular: bool = False,
-    sr_mode: str = "full",
-    chunk_size: int | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    use_t5: bool = True,
-    use_clip: bool = True,
-    regions: Sequence[Region] = (),
-    paint: Mapping[str, Any] | None = None,
-    pww_weight: float = 0.4,
-    bootstrap_fraction: float = 0.2,
-) -> list[np.ndarray]:
-    """Samples every stage in turn; returns each stage's uint8 images [N, H_k, W_k, 3].
+def num_experts(config: Any) -> int:
+    """Experts a finished run of `config` samples with (1: a single model), read from the config alone."""
+    phases = tuple(config.experts.phases)
+    return len(phases[-1]) if phases else 1
 
-    `height`/`width` (default: the base size) set the base canvas; beyond the base
-    model's size, or with `regions` (MultiDiffusion region prompts on the base canvas, masks
-    at its size), it is sampled with MultiDiffusion, and each SR stage scales it by its
-    factor. `paint` ({phrase: mask}, any size) paints every stage at its own resolution with
-    strength `pww_weight` (on canvases and tiles, each crop takes its crop of the masks).
-    `settings[k]` holds stage k's steps, guidance, aug level and seed. `use_t5`/`use_clip` drop
-    an encoder's conditioning in every stage (eDiff-I's ablation). SR stages follow the prompts,
-    not the region prompts.
+
+def resolve_regions(spec: GenerationSpec, height: int, width: int) -> list[Region]:
+    """The spec's region masks as arrays [H, W] at canvas size, checked (files are read here)."""
+    canvas = spec.canvas or CanvasSpec()
+    regions = [(str(p), load_mask(m, height, width) if isinstance(m, (str, Path)) else m) for p, m in canvas.regions]
+    check_masks([m for _, m in regions], height, width, [p for p, _ in regions])
+    return regions
+
+
+def resolve_paint(spec: GenerationSpec) -> dict[str, np.ndarray]:
+    """The painting's masks as arrays (any size; files are read and checked here); {} without a painting."""
+    phrases = spec.paint.phrases if spec.paint else {}
+    return {phrase: pww.load_mask(m, None, what=repr(phrase)) for phrase, m in phrases.items()}
+
+
+def run_cascade(stages: Sequence[Stage], spec: GenerationSpec, *, progress: bool = False) -> list[np.ndarray]:
+    """Samples every stage of `spec` in turn on its prompts (each `spec.num` times); returns each stage's
+    uint8 images [N, H_k, W_k, 3]. `stages` are loaded (`load_stages`): the base, then `spec.sr_stages`.
+
+    The denoiser of each stage is composed in one order: the model or its expert ensemble, then
+    classifier-free guidance (one scale or one per expert), then paint-with-words conditioning
+    (every stage at its own resolution; on canvases and tiles each crop takes its crop of the
+    masks), then MultiDiffusion fusion with region prompts (base stage, when the canvas is not
+    the model's own size or has regions or wraps), then each SR stage, whole or as tiles.
+    `use_t5`/`use_clip` drop an encoder's conditioning in every stage (eDiff-I's ablation). SR
+    stages follow the prompts, not the region prompts.
     """
-
     check_chain(stages)
-    if sr_mode not in SR_MODES:
-        raise ValueError(f"sr_mode={sr_mode!r}; choose one of {SR_MODES}.")
-    settings = list(settings) + [StageSettings()] * (len(stages) - len(settings))
-    if len(settings) != len(stages):
-        raise ValueError(f"Got settings for {len(settings)} stages but the cascade has {len(stages)}.")
-    prompts = list(prompts)
+    if len(stages) != 1 + len(spec.sr_stages):
+        raise ValueError(f"The spec has {1 + len(spec.sr_stages)} stages but {len(stages)} were loaded.")
+    canvas = spec.canvas or CanvasSpec()
     base_size = stages[0].image_size
-    height, width = height or base_size, width or base_size
-    canvas = (height, width) != (base_size, base_size) or bool(regions)
+    height, width = canvas.height or base_size, canvas.width or base_size
+    regions, paint = resolve_regions(spec, height, width), resolve_paint(spec)
+    on_canvas = (height, width) != (base_size, base_size) or bool(regions) or canvas.circular
+    bootstrap = 0.2 if canvas.bootstrap_fraction is None else canvas.bootstrap_fraction
+    prompts = spec.expanded_prompts
     outputs: list[np.ndarray] = []
-    for k, stage in enumerate(stages):
-        s = _settings(stage, settings[k], k, seed)
+    for k, (stage, given) in enumerate(zip(stages, spec.stage_settings)):
+        s = resolved_settings(stage, given, k, spec.seed)
+        guidance = per_expert_guidance(s.guidance, _loaded_experts(stage), f"Stage {k} ({stage.workdir}) guidance")
         if k:
             height, width = height * stage.factor, width * stage.factor
         common = dict(steps=s.steps, sampler=s.sampler, sigma_data=float(stage.config.edm.sigma_data),
                       progress=progress, boundaries=stage.exp.boundaries)
         lowres = dict(lowres=outputs[-1], aug_level=s.aug_level) if k else {}
-        stage_regions = list(regions) if k == 0 else []
+        stage_regions = regions if k == 0 else []
         extra = None
         if paint:  # at this stage's resolution; on a canvas each crop is cut from it
             # SR stages see the prompts only: a phrase painted for a region prompt is skipped there.
-            extra = canvas_paint_cond(stage.exp.encoders, prompts, stage_regions, paint, (height, width), pww_weight,
-                                      only_present=bool(regions))
-        if (canvas and k == 0) or (k and sr_mode == "tiles"):
+            extra = canvas_paint_cond(stage.exp.encoders, prompts, stage_regions, paint, (height, width),
+                                      spec.paint.weight, only_present=bool(regions))
+        if (on_canvas and k == 0) or (k and spec.sr_mode == "tiles"):
+            stride = canvas.stride * (stage.factor if k else 1) if canvas.stride else None
             sampler = MultiDiffusionSampler(stage.exp.model, stage.exp.encoders, image_size=stage.tile_size,
-                                            height=height, width=width, circular=circular, chunk_size=chunk_size,
-                                            stride=stride * (stage.factor if k else 1) if stride else None,
-                                            lowres_factor=stage.factor, bootstrap_fraction=bootstrap_fraction, **common)
+                                            height=height, width=width, circular=canvas.circular,
+                                            chunk_size=canvas.chunk_size, stride=stride, lowres_factor=stage.factor,
+                                            bootstrap_fraction=bootstrap, strategy=canvas.strategy, **common)
             if stage_regions:
                 lowres["regions"] = stage_regions
         else:
             sampler = Sampler(stage.exp.model, stage.exp.encoders, image_size=(height, width),
                               lowres_factor=stage.factor, mesh=stage.exp.mesh, **common)
-        logs.info(f"Stage {k}: {stage.describe()} -> {height}x{width}, {s.steps} steps, guidance {s.guidance}"
+        logs.info(f"Stage {k}: {stage.describe()} -> {height}x{width}, {s.steps} steps, guidance {guidance}"
                   + (f", aug level {s.aug_level}" if k else "") + (", painted" if paint else ""))
-        outputs.append(sampler(stage.params, prompts, guidance=s.guidance, seed=s.seed, use_t5=use_t5,
-                               use_clip=use_clip, extra_cond=extra, **lowres))
+        outputs.append(sampler(stage.params, prompts, guidance=guidance, seed=s.seed, use_t5=spec.use_t5,
+                               use_clip=spec.use_clip, extra_cond=extra, **lowres))
     return outputs
 
 
-def sample_cascade_from_workdirs(
-    base_workdir: str | Path,
-    sr_workdirs: Sequence[str | Path],
-    prompts: Sequence[str],
-    settings: Sequence[StageSettings] = (),
-    *,
-    num: int = 1,
-    out: str | Path | None = None,
-    ema_decay: float | None = None,
-    ema_sigma_rel: float | None = None,
-    **kwargs: Any,
-) -> list[np.ndarray]:
-    """Runs the cascade and writes each stage's PNGs, grid and prompts to out/stage{k}_{H}x{W}/.
-
-    `ema_decay` picks the EMA of that decay in every stage (each must keep it), `ema_sigma_rel` the post-hoc
-    EMA of that width (each must have snapshots); `kwargs` go to `run_cascade`.
-    """
-
-    if not prompts:
-        raise ValueError("Give at least one prompt.")
-    stages = read_stages(base_workdir, sr_workdirs)  # geometry errors before any checkpoint is read
-    if len(settings) > len(stages):
-        raise ValueError(f"Got settings for {len(settings)} stages but only {len(stages)} workdirs.")
-    check_ema_decay(stages, ema_decay, ema_sigma_rel)
-    for k, stage in enumerate(stages):  # each stage's sampler and steps, before any checkpoint is read
-        given = settings[k] if k < len(settings) else StageSettings()
-        chosen = _settings(stage, given, k, 0)
-        try:
-            edm.check_sampler(chosen.sampler, chosen.steps)
-        except ValueError as e:
-            raise ValueError(f"Stage {k} ({stage.workdir}): {e}") from None
-    base = stages[0].image_size
-    height, width = kwargs.get("height") or base, kwargs.get("width") or base
-    regions = [(p, load_mask(m, height, width) if isinstance(m, (str, Path)) else m) for p, m in kwargs.pop("regions", ())]
-    check_masks([m for _, m in regions], height, width, [p for p, _ in regions])
-    check_bootstrap_fraction(kwargs.get("bootstrap_fraction", 0.2))
-    paint = kwargs.pop("paint", None) or {}
-    raw_paint = {phrase: pww.load_mask(m, None, what=repr(phrase)) for phrase, m in paint.items()}
-    out = ensure_writable_dir(out or as_path(base_workdir) / "cascade")
-    load_stages(stages, ema_decay, ema_sigma_rel)
-    expanded = [p for p in prompts for _ in range(num)]
-    outputs = run_cascade(stages, expanded, settings, progress=True, regions=regions, paint=raw_paint or None, **kwargs)
-    for k, images in enumerate(outputs):
-        stage_dir = ensure_writable_dir(out / f"stage{k}_{images.shape[1]}x{images.shape[2]}")
-        cols = num if images.shape[2] <= 2 * images.shape[1] else 1
-        write_samples(images, stage_dir, num, list(prompts) + [f"region: {p}" for p, _ in regions], cols=cols)
-        if paint:
-            pww.write_paint_record(stage_dir, paint, raw_paint, images.shape[1:3], kwargs.get("pww_weight", 0.4))
-    return outputs
+def _loaded_experts(stage: Stage) -> int:
+    boundaries = stage.exp.boundaries
+    return 1 if boundaries is None else len(np.asarray(boundaries)) + 1

@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Read precomputed T5/CLIP embeddings (built once, beside the TFDS data) instead of
     # running the encoders every step: `python -m ediff_jax.text.cache --config ...`.
     c.data.text_cache = False
+    # Show each example whose caption states a relation ("a red circle above a blue square") this
+    # many times per epoch: relations are the rarest captions and the last thing learnt (issue #15).
+    c.data.relation_repeats = 1
 
     c.text = ml_collections.ConfigDict()
     # Hugging Face model directories, hub ids "org/name" or "org/name@REVISION" (fetched
@@ -250,6 +253,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "of ediff_jax/config_utils.py:base_config()."
         )
     _check_drop_rates(config.text.drop_rates)
+    repeats = config.data.relation_repeats
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"config.data.relation_repeats={repeats!r}: use a whole number >= 1 (1: every example once).")
     _check_posthoc_ema(config.train.posthoc_ema, config.experts.phases)
 
 

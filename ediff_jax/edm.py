@@ -468,7 +468,8 @@ def guided_denoiser(
     axis of 1 (a single null embedding), broadcast to the batch. g = 0 is the purely
     unconditional model, g = 1 the plain conditional model, g > 1 extrapolates away from
     the unconditional prediction. When g is a Python number equal to 1 the unconditional
-    branch is skipped (same result, half the cost); a traced g always runs both.
+    branch is skipped (same result, half the cost); a traced g always runs both. `guidance`
+    may also be a function of sigma (e.g. one scale per expert, `experts.guidance_by_expert`).
     """
     g_value = guidance if isinstance(guidance, (int, float)) else None
 
@@ -496,6 +497,8 @@ def guided_denoiser(
         out = model_fn(jnp.concatenate([x, x], axis=0), sigma2, both)
         chex.assert_axis_dimension(out, 0, 2 * batch)
         d_cond, d_uncond = out[:batch], out[batch:]
-        return d_uncond + guidance * (d_cond - d_uncond)
+        g = jnp.asarray(guidance(sigma) if callable(guidance) else guidance)
+        g = jnp.reshape(g, g.shape + (1,) * (x.ndim - g.ndim)) if g.ndim else g  # per-sample sigma: [B, 1, 1, 1]
+        return d_uncond + g * (d_cond - d_uncond)
 
     return denoise_fn

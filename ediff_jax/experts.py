@@ -31,6 +31,18 @@ def expert_index(sigma: jax.Array, boundaries: jax.Array) -> jax.Array:
     return jnp.searchsorted(jnp.asarray(boundaries), sigma, side="right").astype(jnp.int32)
 
 
+def guidance_by_expert(guidance: Any, boundaries: Any) -> Any:
+    """Classifier-free guidance for `edm.guided_denoiser`: a scalar as it is; a vector [E] (one scale per
+    expert, highest noise first, as Wan 2.2 gives each expert its own) as sigma -> that expert's scale."""
+    if jnp.ndim(guidance) == 0:
+        return guidance
+    scales = jnp.asarray(guidance)[::-1]  # expert_index counts from the lowest noise
+    if boundaries is None or scales.shape[0] != jnp.shape(boundaries)[0] + 1:
+        raise ValueError(f"{scales.shape[0]} guidance scales need an ensemble of {scales.shape[0]} experts; this "
+                         f"model has {1 if boundaries is None else jnp.shape(boundaries)[0] + 1}.")
+    return lambda sigma: scales[expert_index(sigma, boundaries)]
+
+
 def validate_boundaries(boundaries: Any, num_experts: int) -> np.ndarray:
     """Checks boundaries at the boundary of the API: E-1 values, strictly ascending, positive."""
     b = np.asarray(boundaries, dtype=np.float64).reshape(-1)

@@ -32,9 +32,9 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from ediff_jax.images import ensure_writable_dir, make_grid, save_png
+from ediff_jax.images import make_grid, save_png
 from ediff_jax.models.pww_bias import MODES, pool_masks, pww_bias  # noqa: F401  (this module's public API)
-from ediff_jax.paths import as_path
+from ediff_jax.spec import parse_paint  # noqa: F401  (re-exported: the CLI's parser)
 
 MaskLike = Union[str, os.PathLike, np.ndarray, Any]  # a PNG path, an array, or a PIL image
 Paint = Mapping[str, MaskLike]
@@ -236,64 +236,6 @@ def pww_cond(
 # ---------------------------------------------------------------------------------------
 # CLI support
 # ---------------------------------------------------------------------------------------
-
-
-def parse_paint(items: Sequence[str] | None) -> dict[str, str]:
-    """["red circle=left.png", ...] -> {"red circle": "left.png"} (split at the first '=')."""
-    out: dict[str, str] = {}
-    for item in items or ():
-        phrase, sep, path = item.partition("=")
-        phrase, path = phrase.strip(), path.strip()
-        if not sep or not phrase or not path:
-            raise ValueError(f"--paint {item!r} must look like 'PHRASE=MASK.png', e.g. --paint 'red circle=left.png'.")
-        if phrase in out:
-            raise ValueError(f"Phrase {phrase!r} is painted twice; give one mask per phrase.")
-        out[phrase] = path
-    return out
-
-
-def sample_with_paint(
-    workdir: str | os.PathLike,
-    prompts: Sequence[str],
-    paint: Paint,
-    *,
-    weight: float = 0.4,
-    num: int = 4,
-    guidance: float | None = None,
-    steps: int | None = None,
-    seed: int = 0,
-    sampler: str | None = None,
-    out: str | os.PathLike | None = None,
-    use_t5: bool = True,
-    use_clip: bool = True,
-    ema_decay: float | None = None,
-    progress: bool = True,
-    ema_sigma_rel: float | None = None,
-) -> np.ndarray:
-    """`generation.sample_from_workdir` with paint-with-words; also writes `masks.png`.
-
-    The same painting applies to every prompt. Mask files are read (and checked) before
-    the model is loaded.
-    """
-
-    from ediff_jax.generation import sample_from_workdir  # deferred: the mask helpers load no training stack
-
-    if not prompts:
-        raise ValueError("Give at least one prompt.")
-    if not paint:
-        raise ValueError("Paint at least one phrase, e.g. --paint 'red circle=left.png'.")
-    out = ensure_writable_dir(out or as_path(workdir) / "samples")
-    raw = {phrase: load_mask(mask, None, what=repr(phrase)) for phrase, mask in paint.items()}
-
-    def painted(exp: Any, expanded: list[str]) -> dict:
-        return pww_cond(exp.encoders, expanded, raw, exp.image_shape[0], weight)
-
-    images = sample_from_workdir(workdir, prompts, num=num, guidance=guidance, steps=steps, seed=seed,
-                                 sampler=sampler, out=out, use_t5=use_t5, use_clip=use_clip, ema_decay=ema_decay,
-                                 ema_sigma_rel=ema_sigma_rel,
-                                 progress=progress, extra_cond_fn=painted)
-    write_paint_record(out, paint, raw, images.shape[1:3], weight)
-    return images
 
 
 def write_paint_record(out: Path, paint: Paint, raw: Mapping[str, np.ndarray], size: tuple[int, int],

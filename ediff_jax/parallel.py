@@ -103,7 +103,8 @@ def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | No
 
     if not dcn_config or math.prod(_dcn_sizes(dcn_config, names)) == 1:
         sizes = _resolve_sizes(config, len(devices), "config.mesh")
-        if set(devices) == set(all_devices):
+        # All of this process's devices, or a compile-only topology's (`ediff_jax.plan`): the physical layout.
+        if set(devices) == set(all_devices) or not set(devices) & set(all_devices):
             grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
         else:  # a caller-chosen subset: keep the caller's order
             grid = np.asarray(devices).reshape(sizes)

@@ -4,20 +4,21 @@
 
 Writes one PNG per image and a grid (a row per prompt) into --out (default DIR/samples).
 
-Cascade (eDiff-I's text -> 64 -> 256 -> 1024): add one `--sr_workdir` per SR stage, in
-order of resolution; `--sr_steps/--sr_guidance/--aug_level/--sr_seed` give per-SR-stage
-values (repeat the flag per stage). Each stage's PNGs go to OUT/stage{k}_{H}x{W}/. With
---height/--width (or --region) the base canvas is a MultiDiffusion panorama, upsampled by the SR
-stages fully convolutionally (--sr_mode full) or as tiles (--sr_mode tiles); --paint paints
-every stage at its own resolution.
+Every flag fills one field of a `spec.GenerationSpec`, and `generation.generate` runs it, so
+the features combine freely:
+- Paint-with-words: `--paint "red circle=left.png" --paint "blue square=right.png" --pww-weight 0.4`
+  places each phrase of the prompt in its painted (white) region; masks are PNGs of any size.
+- MultiDiffusion canvas: `--height/--width` (a panorama), `--circular`, `--region 'PROMPT=MASK.png'`
+  (--prompt is the background); painted masks are stretched to the canvas and cut per crop.
+- Cascade (eDiff-I's text -> 64 -> 256 -> 1024): one `--sr_workdir` per SR stage, in order of
+  resolution; `--sr_steps/--sr_guidance/--aug_level/--sr_seed` per SR stage (repeat the flag per
+  stage). A canvas goes through the SR stages whole (--sr_mode full) or as tiles (--sr_mode tiles),
+  and a painting paints every stage. Each stage's PNGs go to OUT/stage{k}_{H}x{W}/ (default
+  DIR/cascade).
+- Experts: `--guidance` once for every expert, or once per expert (highest noise first).
 
-Paint-with-words: `--paint "red circle=left.png" --paint "blue square=right.png" --pww-weight 0.4`
-places each phrase of the prompt in its painted (white) region; masks are PNGs of any size. On a
-canvas (--height/--width/--region) the masks are stretched to the canvas and each crop is
-conditioned on its own crop of them; with --region prompts each prompt takes the phrases it has.
-
-The flags choose one mode (plain, paint, canvas, cascade; `MODE_FLAGS`). A flag the chosen
-mode does not read is refused with one line, never dropped.
+A flag that the rest of the command gives nothing to act on is refused with one line (`spec.check`),
+never dropped.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ logs.quiet_startup_banners()  # before anything imports TF or transformers
 
 from absl import app, flags
 
+from ediff_jax.spec import GenerationSpec
+
 flags.DEFINE_string("workdir", None, "A workdir written by ediff_jax.train.", required=True)
 flags.DEFINE_multi_string("prompt", None, "Prompt(s); repeat the flag for several.", required=True)
 flags.DEFINE_integer("num", 4, "Images per prompt.")
-flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the config's).")
+flags.DEFINE_multi_float("guidance", None, "Classifier-free guidance scale (default: the config's); repeat it "
+                        "once per expert of an ensemble, highest noise first, for one scale each.")
 flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("sampler", None, "heun, euler or dpmpp_2m (default: the config's).")
@@ -55,6 +59,9 @@ flags.DEFINE_multi_string("region", None, "MultiDiffusion region 'PROMPT=MASK.pn
                           "inside); --prompt is the background. Repeat per region.")
 flags.DEFINE_integer("chunk_size", None, "MultiDiffusion crops per batched model call (default: all; fewer: less "
                      "memory).")
+flags.DEFINE_enum("canvas_strategy", "overlap", ["overlap", "gaussian", "shifted"], "MultiDiffusion: the crops "
+                  "of each step: overlap (MultiDiffusion, --stride apart), gaussian (Mixture of Diffusers' tile "
+                  "weights) or shifted (SpotDiffusion: non-overlapping windows, shifted at random each step).")
 flags.DEFINE_float("bootstrap", 0.2, "MultiDiffusion: fraction of steps with region bootstrapping.")
 flags.DEFINE_multi_string("sr_workdir", None, "Cascade: an SR stage's workdir, after --workdir's base model; "
                           "repeat in order of resolution (256, then 1024).")
@@ -98,65 +105,24 @@ def check_flags() -> None:
                 raise ValueError(f"--{name}={v} is out of range: it must be {what}.")
 
 
-# What each mode reads. Every mode reads COMMON_FLAGS; a flag a mode does not read is refused
-# (`refuse_unread_flags`), so no flag is silently ignored.
-COMMON_FLAGS = ("workdir", "prompt", "num", "guidance", "steps", "seed", "sampler", "out", "ema_decay",
-                "ema_sigma_rel", "use_t5", "use_clip")
-MODE_FLAGS = {
-    "image": (),
-    "paint": ("paint", "pww_weight"),
-    "canvas": ("height", "width", "stride", "circular", "region", "chunk_size", "bootstrap", "paint", "pww_weight"),
-    "cascade": ("sr_workdir", "sr_steps", "sr_guidance", "aug_level", "sr_seed", "sr_mode", "height", "width",
-                "stride", "circular", "chunk_size", "region", "bootstrap", "paint", "pww_weight"),
+# Each flag's spec field, for the refusal messages (`GenerationSpec.check(names)`).
+FLAG_NAMES = {
+    "workdir": "--workdir", "prompts": "--prompt", "num": "--num", "seed": "--seed", "base.steps": "--steps",
+    "base.guidance": "--guidance", "base.sampler": "--sampler", "base.seed": "--seed", "sr.steps": "--sr_steps",
+    "sr.guidance": "--sr_guidance", "sr.aug_level": "--aug_level", "sr.seed": "--sr_seed", "sr.sampler": "--sampler",
+    "sr_stages.workdir": "--sr_workdir", "sr_mode": "--sr_mode", "canvas.height": "--height",
+    "canvas.width": "--width", "canvas.stride": "--stride", "canvas.circular": "--circular",
+    "canvas.chunk_size": "--chunk_size", "canvas.regions": "--region", "canvas.strategy": "--canvas_strategy",
+    "canvas.bootstrap_fraction": "--bootstrap",
+    "paint.phrases": "--paint", "paint.weight": "--pww_weight", "ema_decay": "--ema_decay",
+    "ema_sigma_rel": "--ema_sigma_rel",
 }
-MODE_NAMES = {"image": "plain sampling", "paint": "paint-with-words", "canvas": "a MultiDiffusion canvas",
-              "cascade": "a cascade"}
-MODE_SWITCHES = {"paint": "--paint 'PHRASE=MASK.png'", "canvas": "--height/--width/--region/--circular",
-                 "cascade": "--sr_workdir"}
-SAMPLE_FLAGS = tuple(dict.fromkeys(COMMON_FLAGS + sum(MODE_FLAGS.values(), ())))
 
 
-def sample_mode() -> str:
-    """The mode the given flags ask for: a cascade, a canvas, a painting, or plain sampling."""
-    if FLAGS.sr_workdir:
-        return "cascade"
-    if FLAGS.height is not None or FLAGS.width is not None or FLAGS.region or FLAGS.circular:
-        return "canvas"
-    return "paint" if FLAGS.paint else "image"
-
-
-def conditional_refusal(mode: str, name: str) -> str | None:
-    """Why `mode` does not read `name` in this combination of flags, when it reads it in others."""
-    if mode in ("canvas", "cascade") and name == "bootstrap" and not FLAGS.region:
-        return "--bootstrap acts on --region prompts only: add --region or drop --bootstrap."
-    if mode in ("canvas", "cascade") and name == "pww_weight" and not FLAGS.paint:
-        return "--pww_weight is the strength of --paint: add --paint 'PHRASE=MASK.png' or drop --pww_weight."
-    canvas_in_cascade = (FLAGS.height is not None or FLAGS.width is not None or FLAGS.sr_mode == "tiles"
-                         or bool(FLAGS.region))
-    if mode == "cascade" and name in ("stride", "circular", "chunk_size") and not canvas_in_cascade:
-        return (f"--{name} sets up MultiDiffusion crops, and this cascade samples none: add --height/--width (a "
-                f"panorama) or --sr_mode tiles, or drop --{name}.")
-    return None
-
-
-def refuse_unread_flags(mode: str) -> None:
-    """A flag given (at a value other than its default) that `mode` does not read: one line, what it is for and
-    the fix. An explicit default (`--nocircular`) changes nothing, so it passes."""
-    for name in SAMPLE_FLAGS:
-        if not FLAGS[name].present or FLAGS[name].value == FLAGS[name].default or name in COMMON_FLAGS:
-            continue
-        if name in MODE_FLAGS[mode]:
-            why = conditional_refusal(mode, name)
-            if why:
-                raise ValueError(why)
-            continue
-        users = [m for m in MODE_FLAGS if name in MODE_FLAGS[m]]
-        uses = " or ".join(MODE_NAMES[m] for m in users)
-        if mode == "image":
-            switches = " or ".join(MODE_SWITCHES[m] for m in users)
-            raise ValueError(f"--{name} is for {uses}, which plain sampling is not: add {switches}, or drop --{name}.")
-        raise ValueError(f"--{name} is for {uses} and does not combine with {MODE_NAMES[mode]} "
-                         f"({MODE_SWITCHES[mode]}) yet; drop one of them.")
+def _changed(name: str):
+    """A flag's value when it was given at other than its default (an explicit default changes nothing)."""
+    flag = FLAGS[name]
+    return flag.value if flag.present and flag.value != flag.default else None
 
 
 def _per_stage(values: list | None, count: int, name: str) -> list:
@@ -168,26 +134,30 @@ def _per_stage(values: list | None, count: int, name: str) -> list:
     return values or [None] * count
 
 
-def run_cascade_flags(out: str) -> None:
-    from ediff_jax.cascade import StageSettings, sample_cascade_from_workdirs
-    from ediff_jax.multidiffusion import parse_region
-    from ediff_jax.paint_with_words import parse_paint
+def spec_from_flags() -> GenerationSpec:
+    """The one `GenerationSpec` the flags describe, checked (`spec.check`) in the flags' names."""
+    from ediff_jax.spec import CanvasSpec, GenerationSpec, PaintSpec, SRStage, StageSettings, parse_paint, parse_region
 
-    n = len(FLAGS.sr_workdir)
-    per = zip(_per_stage(FLAGS.sr_steps, n, "sr_steps"), _per_stage(FLAGS.sr_guidance, n, "sr_guidance"),
+    workdirs = list(FLAGS.sr_workdir or [])
+    n = len(workdirs)
+    per = zip(workdirs, _per_stage(FLAGS.sr_steps, n, "sr_steps"), _per_stage(FLAGS.sr_guidance, n, "sr_guidance"),
               _per_stage(FLAGS.aug_level, n, "aug_level"), _per_stage(FLAGS.sr_seed, n, "sr_seed"))
-    settings = [StageSettings(steps=FLAGS.steps, guidance=FLAGS.guidance, seed=FLAGS.seed, sampler=FLAGS.sampler)]
-    settings += [StageSettings(steps=st, guidance=g, aug_level=a, seed=sd, sampler=FLAGS.sampler)
-                 for st, g, a, sd in per]
-    outputs = sample_cascade_from_workdirs(
-        FLAGS.workdir, FLAGS.sr_workdir, FLAGS.prompt, settings, num=FLAGS.num, out=out, height=FLAGS.height,
-        width=FLAGS.width, stride=FLAGS.stride, circular=FLAGS.circular, sr_mode=FLAGS.sr_mode,
-        chunk_size=FLAGS.chunk_size, seed=FLAGS.seed, ema_decay=FLAGS.ema_decay, ema_sigma_rel=FLAGS.ema_sigma_rel,
-        use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, regions=[parse_region(r) for r in FLAGS.region or []],
-        paint=parse_paint(FLAGS.paint) or None, pww_weight=FLAGS.pww_weight, bootstrap_fraction=FLAGS.bootstrap,
+    sr_stages = tuple(SRStage(w, StageSettings(steps=st, guidance=g, aug_level=a, seed=sd, sampler=FLAGS.sampler))
+                      for w, st, g, a, sd in per)
+    canvas = CanvasSpec(height=FLAGS.height, width=FLAGS.width, stride=FLAGS.stride, circular=FLAGS.circular,
+                        chunk_size=FLAGS.chunk_size, regions=tuple(parse_region(r) for r in FLAGS.region or []),
+                        bootstrap_fraction=_changed("bootstrap"), strategy=FLAGS.canvas_strategy)
+    paint = PaintSpec(parse_paint(FLAGS.paint), FLAGS.pww_weight) if FLAGS.paint or _changed("pww_weight") else None
+    guidance = FLAGS.guidance or None
+    spec = GenerationSpec(
+        workdir=FLAGS.workdir, prompts=tuple(FLAGS.prompt), num=FLAGS.num, seed=FLAGS.seed,
+        base=StageSettings(steps=FLAGS.steps, guidance=guidance[0] if guidance and len(guidance) == 1 else
+                           (tuple(guidance) if guidance else None), sampler=FLAGS.sampler),
+        canvas=None if canvas == CanvasSpec() else canvas, paint=paint, sr_stages=sr_stages, sr_mode=FLAGS.sr_mode,
+        ema_decay=FLAGS.ema_decay, ema_sigma_rel=FLAGS.ema_sigma_rel, use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip,
     )
-    sizes = ", ".join(f"{o.shape[1]}x{o.shape[2]}" for o in outputs)
-    print(f"Wrote {len(outputs[-1])} images per stage ({sizes}) to {out}/stage*/.")
+    spec.check(FLAG_NAMES)
+    return spec
 
 
 def main(argv: list[str]) -> None:
@@ -205,43 +175,17 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    from ediff_jax.generation import sample_from_workdir  # deferred so --help is fast
+    spec = spec_from_flags()  # every flag checked before anything heavy is imported
+    from ediff_jax.generation import generate  # deferred so --help and flag errors are fast
 
-    out = FLAGS.out or f"{FLAGS.workdir}/samples"
-    mode = sample_mode()
-    refuse_unread_flags(mode)
-    if mode == "cascade":
-        run_cascade_flags(out)
-    elif mode == "canvas":
-        from ediff_jax.multidiffusion import parse_region, sample_canvas_from_workdir
-        from ediff_jax.paint_with_words import parse_paint
-
-        images = sample_canvas_from_workdir(
-            FLAGS.workdir, FLAGS.prompt, height=FLAGS.height, width=FLAGS.width, stride=FLAGS.stride,
-            circular=FLAGS.circular, regions=[parse_region(r) for r in FLAGS.region or []], num=FLAGS.num,
-            guidance=FLAGS.guidance, steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler, out=out,
-            use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, chunk_size=FLAGS.chunk_size,
-            bootstrap_fraction=FLAGS.bootstrap, ema_decay=FLAGS.ema_decay, ema_sigma_rel=FLAGS.ema_sigma_rel,
-            paint=parse_paint(FLAGS.paint) or None, pww_weight=FLAGS.pww_weight,
-        )
-        painted = ", masks.png" if FLAGS.paint else ""
-        print(f"Wrote {len(images)} canvases, grid.png{painted} to {out}.")
-    elif mode == "paint":
-        from ediff_jax.paint_with_words import parse_paint, sample_with_paint
-
-        images = sample_with_paint(
-            FLAGS.workdir, FLAGS.prompt, parse_paint(FLAGS.paint), weight=FLAGS.pww_weight, num=FLAGS.num,
-            guidance=FLAGS.guidance, steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler, out=out,
-            use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip, ema_decay=FLAGS.ema_decay, ema_sigma_rel=FLAGS.ema_sigma_rel,
-        )
-        print(f"Wrote {len(images)} painted images, grid.png and masks.png to {out}.")
+    outputs = generate(spec, out=FLAGS.out)
+    out = FLAGS.out or f"{FLAGS.workdir}/{'cascade' if spec.sr_stages else 'samples'}"
+    extras = ", masks.png" if spec.paint else ""
+    if spec.sr_stages:
+        sizes = ", ".join(f"{o.shape[1]}x{o.shape[2]}" for o in outputs)
+        print(f"Wrote {len(outputs[-1])} images per stage ({sizes}) to {out}/stage*/.")
     else:
-        images = sample_from_workdir(
-            FLAGS.workdir, FLAGS.prompt, num=FLAGS.num, guidance=FLAGS.guidance, steps=FLAGS.steps,
-            seed=FLAGS.seed, sampler=FLAGS.sampler, out=out, use_t5=FLAGS.use_t5, use_clip=FLAGS.use_clip,
-            ema_decay=FLAGS.ema_decay, ema_sigma_rel=FLAGS.ema_sigma_rel,
-        )
-        print(f"Wrote {len(images)} images and grid.png to {out}.")
+        print(f"Wrote {len(outputs[-1])} images, grid.png{extras} to {out}.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

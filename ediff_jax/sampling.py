@@ -17,6 +17,7 @@ import numpy as np
 
 from ediff_jax import edm, experts, parallel, sr
 from ediff_jax.images import make_grid, save_png, to_uint8
+from ediff_jax.spec import Guidance, per_expert_guidance
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
 
 
@@ -77,6 +78,7 @@ class Sampler:
         if self.is_sr and self.lowres_factor < 2:
             raise ValueError("An SR stage needs lowres_factor >= 2 (image size / low-res size).")
         self.sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max)
+        self.num_experts = 1 if boundaries is None else len(np.asarray(boundaries)) + 1
         sample_fn = edm.SAMPLERS[sampler]
 
         def run(params: Any, enc_params: Any, tokens: Any, extra_cond: Any, rng: jax.Array, guidance: jax.Array,
@@ -85,7 +87,8 @@ class Sampler:
             if "lowres" in cond:  # noise-conditioning augmentation at the chosen level
                 cond["lowres"] = sr.noise_lowres(jax.random.fold_in(rng, 2), cond["lowres"], cond["aug_level"])
             model_fn = make_model_fn(model, params, sigma_data, boundaries)
-            denoise = edm.guided_denoiser(model_fn, cond, unconditional(cond), guidance)
+            denoise = edm.guided_denoiser(model_fn, cond, unconditional(cond),
+                                          experts.guidance_by_expert(guidance, boundaries))
             batch = tokens["t5_ids"].shape[0]
             x = sr.initial_state(rng, (batch, self.height, self.width, 3), self.sigmas[0], cond.get("lowres"),
                                  bool(getattr(model, "lowres_residual", False)))
@@ -93,7 +96,7 @@ class Sampler:
 
         self._run = jax.jit(run, static_argnames=("use_t5", "use_clip"))
 
-    def __call__(self, params: Any, prompts: Sequence[str], *, guidance: float = 3.0, seed: int = 0,
+    def __call__(self, params: Any, prompts: Sequence[str], *, guidance: Guidance = 3.0, seed: int = 0,
                  use_t5: bool = True, use_clip: bool = True, extra_cond: dict | None = None,
                  lowres: Any = None, aug_level: float = 0.0) -> np.ndarray:
         """Samples one image per prompt; returns uint8 [N, H, W, 3].
@@ -102,8 +105,10 @@ class Sampler:
         paint-with-words masks); they are runtime inputs, so new values do not recompile.
         `unconditional()` decides what the guidance branch sees of them. An SR stage
         takes `lowres` (uint8 or [-1, 1] floats, [N, H/f, W/f, 3]) and the
-        noise-augmentation level `aug_level` (0: the input as it is).
+        noise-augmentation level `aug_level` (0: the input as it is). `guidance` is one scale or
+        one per expert (highest noise first).
         """
+        guidance = per_expert_guidance(guidance, self.num_experts, "guidance")
         prompts = list(prompts)
         extra = dict(extra_cond or {})
         if self.is_sr:
@@ -120,7 +125,7 @@ class Sampler:
         if self.mesh is not None and len(prompts) % parallel.data_parallel_size(self.mesh) == 0:
             tokens, extra = parallel.shard_batch((tokens, extra), self.mesh)
         images = self._run(params, self.encoders.params, tokens, extra, jax.random.PRNGKey(seed),
-                           jnp.float32(guidance), use_t5=use_t5, use_clip=use_clip)
+                           jnp.asarray(guidance, jnp.float32), use_t5=use_t5, use_clip=use_clip)
         return to_uint8(jax.device_get(images))
 
 

@@ -6,6 +6,8 @@ import os
 # slower code) speeds the compile-bound tests and slows the run-bound ones: a net gain for this suite.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# With libtpu installed (the planner, tests/test_plan.py), its one-process lock must not fail a second worker.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest

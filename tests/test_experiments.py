@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from experiments import layout_probe, pww_figure, shapes_benchmark
-from experiments.ablations import common, encoders, experts, guidance, posthoc_ema, pww_weight, stride
+from experiments.ablations import canvas, common, encoders, experts, guidance, posthoc_ema, pww_weight, stride
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,32 @@ def test_stride_smoke(smoke_workdir, tmp_path):
         assert row["seconds_per_image"] > 0 and row["compile_seconds"] >= 0 and row["seam_ratio"] > 0
         assert_accuracy(row["crop_color_shape_accuracy"])
         assert_distances(row)
+
+
+@pytest.mark.slow
+def test_canvas_smoke(smoke_workdir, tmp_path):
+    """Canvas strategies: a row per canvas x strategy; crops per call follow the geometry (32x128 at stride 8:
+    13 overlapping views, 5 shifted windows; circular 32x256: 32 and 8), evaluations = crops x prompt rows x
+    sampler evaluations (Euler, 2 steps), and every score is in range."""
+    rows = canvas.main(["--smoke", "--workdir", str(smoke_workdir), "--out", str(tmp_path)])
+    check_outputs(tmp_path, rows, "canvas", ["32x128"] * 3 + ["32x256 circular"] * 3 + ["32x128"] * 3,
+                  ["panoramas.png"])
+    assert [r["strategy"] for r in rows] == ["overlap", "gaussian", "shifted"] * 3
+    assert [r["crops_per_call"] for r in rows] == [13, 13, 5, 32, 32, 8, 13, 13, 5]
+    assert [r["evals_per_panorama"] for r in rows] == [c * (1 + r["regions"]) * 2
+                                                       for c, r in zip([13, 13, 5, 32, 32, 8, 13, 13, 5], rows)]
+    for row in rows:
+        assert row["seconds_per_panorama"] > 0 and row["seam_ratio"] > 0 and row["coherence_distance"] >= 0
+        assert_accuracy(row["crop_color_shape_accuracy"])
+
+
+def test_coherence_distance_is_the_mean_pairwise_crop_distance():
+    """Crops of one panorama at features (0, 0), (3, 4), (0, 0): pairwise distances 5, 0, 5 -> mean 10/3; a
+    second, uniform panorama scores 0; the mean over panoramas is 5/3. Rows are offset-major."""
+    first = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
+    second = np.ones((3, 2))
+    features = np.stack([first, second], axis=1).reshape(6, 2)  # crop k of panorama n at row k * 2 + n
+    assert canvas.coherence_distance(features, per_canvas=3) == pytest.approx(5.0 / 3.0)
 
 
 @pytest.mark.slow

@@ -96,6 +96,58 @@ def test_identical_experts_equal_the_single_model(exp2):
         np.testing.assert_array_equal(ensemble(x, jnp.float32(sigma), cond), single(x, jnp.float32(sigma), cond))
 
 
+def test_guidance_per_expert_closed_form():
+    """One guidance scale per expert (highest noise first): with D_cond = 2x and D_uncond = 0, guidance g
+    gives 2 g x, so each sigma must see its own expert's g, on one image and on a fused canvas alike."""
+    from ediff_jax.multidiffusion import Tiling, multidiffusion_denoiser
+
+    model_fn = lambda x, sigma, cond: x * cond["c"][:, None, None, None]
+    x = jnp.ones((1, 8, 20, 3))
+    scales = experts.guidance_by_expert(jnp.asarray([5.0, 2.0]), [1.0])
+    guided = edm.guided_denoiser(model_fn, {"c": jnp.full((1,), 2.0)}, {"c": jnp.zeros((1,))}, scales)
+    canvas = multidiffusion_denoiser(guided, Tiling(8, 20, 8, 4))
+    for sigma, g in ((5.0, 5.0), (1.0, 5.0), (0.5, 2.0)):  # expert k serves boundaries[k-1] <= sigma
+        np.testing.assert_allclose(guided(x, jnp.float32(sigma)), 2 * g * x)
+        np.testing.assert_allclose(canvas(x, jnp.float32(sigma)), 2 * g * x, rtol=1e-6)
+    guided2 = edm.guided_denoiser(model_fn, {"c": jnp.full((2,), 2.0)}, {"c": jnp.zeros((1,))}, scales)
+    per_sample = guided2(jnp.ones((2, 4, 4, 3)), jnp.asarray([5.0, 0.5]))
+    np.testing.assert_allclose(per_sample[:, 0, 0, 0], [10.0, 4.0])
+    with pytest.raises(ValueError, match="3 guidance scales need an ensemble of 3 experts; this model has 2"):
+        experts.guidance_by_expert(jnp.asarray([1.0, 2.0, 3.0]), [1.0])
+
+
+def test_guidance_per_expert_reaches_the_samplers(exp2):
+    """In the image sampler (painted) and the canvas sampler (with a region prompt), guidance (5, 2) on an
+    ensemble whose boundary lies above every sampled sigma equals guidance 2 (every step is the low-noise
+    expert's), and below every sigma equals guidance 5; a list of the wrong length is refused."""
+    from ediff_jax.multidiffusion import MultiDiffusionSampler
+    from ediff_jax.paint_with_words import pww_cond
+    from ediff_jax.sampling import Sampler
+
+    model, enc = exp2.model, exp2.encoders
+    x = jnp.zeros((1, 32, 32, 3))
+    cond = enc.encode(enc.params, enc.tokenize(["a red circle"]))
+    params = jax.jit(model.init)(jax.random.key(1), x, jnp.zeros((1,)), cond)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
+    stacked = experts.stack_experts([params, params])
+    prompts = ["a red circle"]
+    left = np.zeros((32, 32), np.float32)
+    left[:, :16] = 1.0
+    paint = pww_cond(enc, prompts, {"red circle": left}, 32, 2.0)
+    image = Sampler(model, enc, image_size=32, steps=2, sampler="euler", boundaries=[1e4])
+    np.testing.assert_array_equal(image(stacked, prompts, guidance=(5.0, 2.0), extra_cond=paint),
+                                  image(stacked, prompts, guidance=2.0, extra_cond=paint))
+    with pytest.raises(ValueError, match="guidance has 3 values but an ensemble of 2 experts samples this stage"):
+        image(stacked, prompts, guidance=(5.0, 2.0, 1.0))
+    canvas = MultiDiffusionSampler(model, enc, image_size=32, height=32, width=48, stride=16, steps=2,
+                                   sampler="euler", boundaries=[1e-4])
+    right = np.zeros((32, 48), np.float32)
+    right[:, 24:] = 1.0
+    regions = [("a blue square", right)]
+    np.testing.assert_array_equal(canvas(stacked, prompts, regions=regions, guidance=(5.0, 2.0)),
+                                  canvas(stacked, prompts, regions=regions, guidance=5.0))
+
+
 def test_branching_preserves_the_parent(exp2):
     """Children start as exact copies of their parent: the ensemble equals the parent model."""
     state, _ = training.init_train_state(exp2)

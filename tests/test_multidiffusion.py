@@ -16,6 +16,7 @@ import pytest
 from ediff_jax import edm
 from ediff_jax.models import build_model
 from ediff_jax.multidiffusion import (
+    STRATEGIES,
     MultiDiffusionSampler,
     Tiling,
     bootstrap_sigma,
@@ -30,7 +31,12 @@ from ediff_jax.multidiffusion import (
     multidiffusion_denoiser,
     parse_region,
     region_denoiser,
+    evaluations_per_call,
+    gaussian_tile_weights,
+    shifted_views,
+    tiled_denoiser,
 )
+from ediff_jax.multidiffusion.strategies import shift_offset, shifted_num_views
 
 TINY = dict(name="unet", channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
             cross_attn_resolutions=(8,), num_heads=2, context_dim=32)
@@ -402,6 +408,13 @@ def test_text_to_image_canvas_sampler_end_to_end():
     assert a.shape == (2, WIN, 24, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert np.any(a != c)
+    # SpotDiffusion's shifted windows in the same sampler: reproducible per seed, moved by the seed
+    shifted = MultiDiffusionSampler(model, encoders, image_size=WIN, height=WIN, width=24, steps=2, sampler="euler",
+                                    strategy="shifted")
+    run = lambda seed: shifted(params, ["a blue square"], guidance=2.0, seed=seed, regions=[("a red circle", left)])
+    s0, s0_again, s1 = run(0), run(0), run(1)
+    np.testing.assert_array_equal(s0, s0_again)
+    assert s0.shape == (1, WIN, 24, 3) and np.any(s0 != s1)
 
 
 def test_expert_switch_stays_one_branch_across_crops():
@@ -428,3 +441,110 @@ def test_expert_switch_stays_one_branch_across_crops():
         jax.effects_barrier()
         assert ran == [expert] * tiling.num_views
         np.testing.assert_allclose(out, scale)
+
+
+# --------------------------------------------------------------------------------------
+# Canvas strategies: overlap, gaussian (Mixture of Diffusers), shifted (SpotDiffusion)
+# --------------------------------------------------------------------------------------
+
+
+
+def test_gaussian_weights_are_mixture_of_diffusers_and_fuse_by_them():
+    """The tile weight is exp(-(i - mid)^2 / n^2 / (2 * 0.01)) per axis; crops that each predict a constant c_i
+    fuse to sum_i w_i c_i / sum_i w_i per pixel (numpy reference), not the uniform average."""
+    w = gaussian_tile_weights((8, 6))
+    ref_h = np.exp(-((np.arange(8) - 3.5) ** 2) / 64 / 0.02)
+    ref_w = np.exp(-((np.arange(6) - 2.5) ** 2) / 36 / 0.02)
+    np.testing.assert_allclose(w[..., 0], ref_h[:, None] * ref_w[None], rtol=1e-6)
+    tiling = Tiling(8, 20, 8, 4)
+    values = np.arange(1.0, tiling.num_views + 1)
+
+    def view_value(xc, sigma, view):  # each crop predicts its own index + 1
+        index = jnp.argmax(jnp.all(jnp.asarray(tiling.views) == view, axis=1))
+        return jnp.broadcast_to(jnp.asarray(values)[index], xc.shape)
+
+    out = np.asarray(jax.jit(tiled_denoiser(view_value, tiling, strategy="gaussian"))(np.zeros((1, 8, 20, 1)), 1.0))
+    w8 = gaussian_tile_weights((8, 8))[..., 0]
+    num, den = np.zeros((8, 20)), np.zeros((8, 20))
+    for i, (top, left) in enumerate(tiling.views):
+        num[top:top + 8, left:left + 8] += w8 * values[i]
+        den[top:top + 8, left:left + 8] += w8
+    np.testing.assert_allclose(out[0, :, :, 0], num / den, rtol=1e-5)
+    uniform = np.asarray(jax.jit(tiled_denoiser(view_value, tiling))(np.zeros((1, 8, 20, 1)), 1.0))
+    assert np.abs(uniform - out).max() > 0.1  # the weights matter
+
+
+@pytest.mark.parametrize("height, width, window, circular", [
+    (8, 30, 8, False), (8, 32, 8, True), (8, 30, 8, True), (20, 24, 8, False), (8, 8, 8, False)])
+def test_shifted_windows_cover_the_canvas_at_every_offset(height, width, window, circular):
+    """SpotDiffusion's windows: a fixed count at every offset, every pixel covered, and no overlap where the
+    windows wrap a width that they divide (clamped edge windows may overlap their neighbour)."""
+    tiling = Tiling(height, width, window, window, circular)
+    n = shifted_num_views(tiling)
+    for top in range(window):
+        for left in range(window):
+            views = np.asarray(shifted_views(tiling, jnp.asarray([top, left])))
+            assert views.shape == (n, 2)
+            count = np.zeros((height, width), int)
+            for t, l in views:
+                cols = (l + np.arange(window)) % width
+                assert 0 <= t <= height - window and (circular or l + window <= width)
+                count[t:t + window][:, cols] += 1
+            assert count.min() >= 1
+            if circular and width % window == 0 and height == window:
+                assert count.max() == 1
+
+
+def test_shifted_offsets_are_reproducible_per_sigma_and_aligned_for_sr():
+    tiling = Tiling(16, 64, 16, 16, True)
+    key = jax.random.key(4)
+    offsets = [tuple(np.asarray(shift_offset(key, s, tiling))) for s in (80.0, 20.0, 5.0, 1.0, 0.1)]
+    assert offsets == [tuple(np.asarray(shift_offset(key, s, tiling))) for s in (80.0, 20.0, 5.0, 1.0, 0.1)]
+    assert len(set(offsets)) > 1  # the seams move between steps
+    assert all(o % 4 == 0 for s in np.linspace(0.1, 80, 20) for o in np.asarray(shift_offset(key, s, tiling, 4)))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_strategy_evaluates_its_stated_number_of_crops(strategy):
+    """Counted from inside the compiled program, as the benchmark counts: one call per crop, and
+    `evaluations_per_call` says how many (13 -> 5 on the issue's 32x128 panorama at stride 8)."""
+    calls = []
+
+    def toy(x, sigma):
+        jax.debug.callback(lambda crop: calls.append(crop.shape), x)
+        return x * 0.5
+
+    tiling = Tiling(8, 30, 8, 4)
+    x = np.ones((2, 8, 30, 3), np.float32)
+    denoise = jax.jit(multidiffusion_denoiser(toy, tiling, chunk_size=3, strategy=strategy, rng=jax.random.key(0)))
+    for sigma in (1.0, 2.0):
+        calls.clear()
+        out = denoise(x, sigma)
+        jax.effects_barrier()
+        assert calls == [(2, 8, 8, 3)] * evaluations_per_call(tiling, strategy)
+        np.testing.assert_allclose(out, 0.5, rtol=1e-6)  # consistent crops fuse to the canvas
+    assert evaluations_per_call(Tiling(32, 128, 32, 8), "overlap") == 13
+    assert evaluations_per_call(Tiling(32, 128, 32, 8), "shifted") == 5
+    assert evaluations_per_call(Tiling(32, 256, 32, 8, True), "shifted") == 8
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_regions_own_their_pixels_under_every_strategy(strategy):
+    """Hard region masks: inside a region only its prompt counts and outside only the background's, whatever
+    crops the strategy cuts and however it weights them."""
+    height, width = 8, 24
+    masks = np.stack([box_mask(height, width, 0, 0, 8, 10), box_mask(height, width, 0, 14, 8, 24)])
+    tiling = Tiling(height, width, 8, 4)
+    denoise = region_denoiser(prompt_id_denoiser(3), tiling, masks, rng=jax.random.key(0), strategy=strategy)
+    out = np.asarray(jax.jit(denoise)(np.zeros((2, height, width, 3), np.float32), 1.0))
+    np.testing.assert_allclose(out[:, :, :10], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(out[:, :, 10:14], 0.0, atol=1e-6)
+    np.testing.assert_allclose(out[:, :, 14:], 2.0, rtol=1e-6)
+
+
+def test_one_window_canvas_is_plain_denoising_under_every_strategy(unet):
+    x = np.random.default_rng(1).normal(size=(1, WIN, WIN, 3)).astype(np.float32) * 5.0
+    plain = jax.jit(unet)(x, 5.0)
+    for strategy in STRATEGIES:
+        canvas = multidiffusion_denoiser(unet, Tiling(WIN, WIN, WIN, 4), strategy=strategy, rng=jax.random.key(1))
+        np.testing.assert_allclose(jax.jit(canvas)(x, 5.0), plain, rtol=1e-5, atol=1e-5)

@@ -345,6 +345,32 @@ def test_train_deterministic_and_resume(builder) -> None:
             assert list(a["caption"]) == list(b["caption"])
 
 
+def test_relation_repeats_epoch_and_resume(builder, train_examples) -> None:
+    """Each epoch holds every example once and each relation-caption example k times (by the
+    spec's grammar), and resuming mid-epoch still equals skipping batches."""
+    from ediff_jax.data import make_train_iterator
+    from ediff_jax.data.pipeline import is_relation_caption
+
+    k = 3
+    relation = {_hash(ex["image"]) for ex in train_examples
+                if re.fullmatch(r"a \w+ \w+ (to the left of|to the right of|above|below) a \w+ \w+", ex["caption"].decode())}
+    assert relation and {is_relation_caption(ex["caption"].decode()) for ex in train_examples} == {True, False}
+    assert sum(is_relation_caption(ex["caption"].decode()) for ex in train_examples) == len(relation)
+    epoch = NUM_TRAIN + (k - 1) * len(relation)
+    batch = 4
+    n_batches = -(-2 * epoch // batch)
+    ref = _take(make_train_iterator(builder, batch_size=batch, seed=1, relation_repeats=k), n_batches)
+    order = [_hash(x) for b in ref for x in _to_uint8(b["image"])]
+    counts = {h: order[:epoch].count(h) for h in set(order[:epoch])}
+    assert counts == {_hash(ex["image"]): (k if _hash(ex["image"]) in relation else 1) for ex in train_examples}
+    for start in (1, epoch // batch):
+        resumed = _take(make_train_iterator(builder, batch_size=batch, seed=1, relation_repeats=k, start_step=start), 2)
+        for a, b in zip(resumed, ref[start:start + 2]):
+            assert list(a["caption"]) == list(b["caption"])
+    with pytest.raises(ValueError, match="relation_repeats=0"):
+        make_train_iterator(builder, batch_size=batch, seed=1, relation_repeats=0)
+
+
 def test_two_process_sharding_disjoint(builder, train_examples) -> None:
     from ediff_jax.data import make_eval_iterator, make_train_iterator
 

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from ediff_jax import sr, training
-from ediff_jax.cascade import StageSettings, read_stages, run_cascade, sample_cascade_from_workdirs
+from ediff_jax.cascade import read_stages, run_cascade
 from ediff_jax.config_utils import load_config
 from ediff_jax.sampling import Sampler
-from ediff_jax.generation import sample_from_workdir
+from ediff_jax.generation import generate, sample_from_workdir
+from ediff_jax.spec import CanvasSpec, GenerationSpec, PaintSpec, SRStage, StageSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,13 +211,20 @@ def test_crop_trained_stage_runs_on_full_size_input(workdirs, configs):
         sampler(stage.params, ["a", "b"])
 
 
+def cascade_spec(stages, settings, num=1, **fields) -> GenerationSpec:
+    """The spec of a cascade over loaded `stages` with per-stage `settings` (base first)."""
+    return GenerationSpec(workdir=stages[0].workdir, prompts=("a red circle",), num=num, base=settings[0],
+                          sr_stages=tuple(SRStage(st.workdir, s) for st, s in zip(stages[1:], settings[1:])), **fields)
+
+
 @pytest.mark.slow
 def test_cascade_end_to_end(workdirs, tmp_path):
     """text -> 16 -> 32 -> 64: each stage's PNGs are written at its resolution; a fixed seed repeats."""
     out = tmp_path / "cascade"
     settings = [StageSettings(steps=2), StageSettings(steps=2, aug_level=0.0), StageSettings(steps=2, guidance=1.5)]
-    images = sample_cascade_from_workdirs(workdirs["base"], [workdirs["sr32"], workdirs["sr64"]], ["a red circle"],
-                                          settings, num=2, out=out)
+    spec = GenerationSpec(workdir=workdirs["base"], prompts=("a red circle",), num=2, base=settings[0],
+                          sr_stages=(SRStage(workdirs["sr32"], settings[1]), SRStage(workdirs["sr64"], settings[2])))
+    images = generate(spec, out=out)
     assert [im.shape for im in images] == [(2, 16, 16, 3), (2, 32, 32, 3), (2, 64, 64, 3)]
     for k, size in enumerate((16, 32, 64)):
         assert (out / f"stage{k}_{size}x{size}" / "grid.png").exists()
@@ -226,8 +234,8 @@ def test_cascade_end_to_end(workdirs, tmp_path):
     from ediff_jax.cascade import load_stages
 
     load_stages(stages)
-    a = run_cascade(stages, ["a red circle"] * 2, [StageSettings(steps=2), StageSettings(steps=2)], seed=0)
-    b = run_cascade(stages, ["a red circle"] * 2, [StageSettings(steps=2), StageSettings(steps=2)], seed=0)
+    a = run_cascade(stages, cascade_spec(stages, [StageSettings(steps=2), StageSettings(steps=2)], num=2))
+    b = run_cascade(stages, cascade_spec(stages, [StageSettings(steps=2), StageSettings(steps=2)], num=2))
     np.testing.assert_array_equal(a[1], b[1])
 
 
@@ -240,8 +248,9 @@ def test_panorama_through_sr_stage_tiles_and_full(workdirs):
     stages = read_stages(workdirs["base"], [workdirs["sr32"]])
     load_stages(stages)
     settings = [StageSettings(steps=2), StageSettings(steps=2, aug_level=0.0)]
-    full = run_cascade(stages, ["a red circle"], settings, height=16, width=64, sr_mode="full")
-    tiles = run_cascade(stages, ["a red circle"], settings, height=16, width=64, sr_mode="tiles", stride=4)
+    full = run_cascade(stages, cascade_spec(stages, settings, canvas=CanvasSpec(height=16, width=64)))
+    tiles = run_cascade(stages, cascade_spec(stages, settings, canvas=CanvasSpec(height=16, width=64, stride=4),
+                                             sr_mode="tiles"))
     assert full[0].shape == (1, 16, 64, 3) and full[1].shape == (1, 32, 128, 3)
     np.testing.assert_array_equal(full[0], tiles[0])  # the same base panorama
     assert tiles[1].shape == (1, 32, 128, 3)
@@ -264,11 +273,12 @@ def test_painted_region_panorama_through_sr_tiles(workdirs):
     settings = [StageSettings(steps=2), StageSettings(steps=2, aug_level=0.0)]
     right = np.zeros((16, 64), np.float32)
     right[:, 32:] = 1.0
-    kw = dict(height=16, width=64, sr_mode="tiles", stride=4, regions=[("a blue square", right)])
-    run = lambda **paint: run_cascade(stages, ["a red circle"], settings, **kw, **paint)
+    canvas = CanvasSpec(height=16, width=64, stride=4, regions=(("a blue square", right),))
+    run = lambda paint=None: run_cascade(stages, cascade_spec(stages, settings, canvas=canvas, sr_mode="tiles",
+                                                              paint=paint))
     plain = run()
-    zero = run(paint={"red circle": 1.0 - right}, pww_weight=0.0)
-    strong = run(paint={"red circle": 1.0 - right}, pww_weight=3.0)
+    zero = run(PaintSpec({"red circle": 1.0 - right}, weight=0.0))
+    strong = run(PaintSpec({"red circle": 1.0 - right}, weight=3.0))
     assert [im.shape for im in strong] == [(1, 16, 64, 3), (1, 32, 128, 3)]
     for a, b in zip(zero, plain):
         np.testing.assert_array_equal(a, b)
@@ -288,6 +298,36 @@ def test_painted_region_panorama_through_sr_tiles(workdirs):
                                    stage.exp.encoders, ["a red circle"], [], {"red circle": up}, (32, 128), w))
     np.testing.assert_array_equal(sr_run(0.0), plain[1])  # the cascade's own SR call, reproduced
     assert np.abs(sr_run(3.0).astype(int) - plain[1]).max() > 0
+
+
+@pytest.mark.slow
+def test_cli_runs_every_feature_at_once(workdirs, tmp_path):
+    """One command: a painted panorama with a region prompt under SpotDiffusion's shifted windows, through an SR
+    stage as (shifted) tiles, encoder choice included; the CLI builds one spec and every stage writes its images
+    and its painting."""
+    from ediff_jax import sample
+    from ediff_jax.images import save_png
+
+    right = np.zeros((16, 48), np.uint8)
+    right[:, 24:] = 255
+    save_png(np.repeat(right[..., None], 3, -1), tmp_path / "right.png")
+    save_png(np.repeat(255 - right[..., None], 3, -1), tmp_path / "left.png")
+    sample.FLAGS.unparse_flags()
+    try:
+        sample.parse_flags(["sample", f"--workdir={workdirs['base']}", "--prompt=a red circle", "--num=1",
+                            "--steps=2", "--width=48", "--canvas_strategy=shifted",
+                            f"--region=a blue square={tmp_path / 'right.png'}",
+                            f"--paint=red circle={tmp_path / 'left.png'}", "--pww_weight=1", "--bootstrap=0.5",
+                            f"--sr_workdir={workdirs['sr32']}", "--sr_steps=2", "--aug_level=0", "--sr_mode=tiles",
+                            "--nouse_clip", f"--out={tmp_path / 'out'}"])
+        sample.check_flags()
+        sample.run()
+    finally:
+        sample.FLAGS.unparse_flags()
+    for folder, (h, w) in (("stage0_16x48", (16, 48)), ("stage1_32x96", (32, 96))):
+        for name in ("grid.png", "00_00.png", "masks.png", "paint.txt", "prompts.txt"):
+            assert (tmp_path / "out" / folder / name).exists(), (folder, name)
+        assert "region: a blue square" in (tmp_path / "out" / folder / "prompts.txt").read_text()
 
 
 def test_chain_errors(config_only_workdirs, configs):

@@ -251,12 +251,12 @@ def test_cached_embeddings_give_the_same_step(exp, fixed_batch):
 
 def test_sample_with_paint_from_workdir(trained_workdir, tmp_path):
     """Paint-with-words through the workdir path: images, grid and the painted masks are written."""
-    from ediff_jax.paint_with_words import sample_with_paint
+    from ediff_jax.spec import PaintSpec
 
     left = np.zeros((50, 70), np.float32)
     left[:, :35] = 1.0
-    images = sample_with_paint(trained_workdir, ["a red circle and a blue square"], {"red circle": left},
-                               weight=0.4, num=2, steps=2, progress=False, out=tmp_path / "out")
+    images = sample_from_workdir(trained_workdir, ["a red circle and a blue square"], num=2, steps=2, progress=False,
+                                 out=tmp_path / "out", paint=PaintSpec({"red circle": left}, weight=0.4))
     assert images.shape == (2, 32, 32, 3)
     for name in ("grid.png", "masks.png", "paint.txt", "prompts.txt"):
         assert (tmp_path / "out" / name).exists(), name
@@ -265,13 +265,17 @@ def test_sample_with_paint_from_workdir(trained_workdir, tmp_path):
 def test_painted_panorama_with_a_region_from_workdir(trained_workdir, tmp_path):
     """Paint-with-words on a MultiDiffusion canvas with a region prompt (issue #17: they used to be
     refused together): canvases, grid and the canvas-sized masks are written."""
-    from ediff_jax.multidiffusion import sample_canvas_from_workdir
+    from ediff_jax.generation import generate
+    from ediff_jax.images import save_png
+    from ediff_jax.spec import CanvasSpec, GenerationSpec, PaintSpec, StageSettings
 
     right = np.zeros((32, 64), np.float32)
     right[:, 32:] = 1.0
-    images = sample_canvas_from_workdir(trained_workdir, ["a red circle"], width=64, regions=[("a blue square", right)],
-                                        paint={"red circle": 1.0 - right, "blue square": right}, pww_weight=1.0,
-                                        steps=2, progress=False, out=tmp_path / "out")
+    save_png(np.repeat((right * 255).astype(np.uint8)[..., None], 3, -1), tmp_path / "right.png")
+    spec = GenerationSpec(workdir=trained_workdir, prompts=("a red circle",), num=1, base=StageSettings(steps=2),
+                          canvas=CanvasSpec(width=64, regions=(("a blue square", str(tmp_path / "right.png")),)),
+                          paint=PaintSpec({"red circle": 1.0 - right, "blue square": right}, weight=1.0))
+    [images] = generate(spec, out=tmp_path / "out", progress=False)
     assert images.shape == (1, 32, 64, 3)
     for name in ("grid.png", "masks.png", "paint.txt", "prompts.txt"):
         assert (tmp_path / "out" / name).exists(), name
@@ -280,7 +284,7 @@ def test_painted_panorama_with_a_region_from_workdir(trained_workdir, tmp_path):
 def test_python_sampling_refuses_zero_steps_and_a_missing_workdir(trained_workdir, tmp_path):
     """steps=0 used to fall back to the config's steps silently; a missing workdir used to be
     given an empty samples/ folder before the error."""
-    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="base.steps=0: sampler steps are an integer >= 1"):
         sample_from_workdir(trained_workdir, ["a red circle"], steps=0, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="config.json not found"):

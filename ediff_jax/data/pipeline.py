@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 
 # photos and image_folder register their TFDS builders on import, like shapes_tfds.
 from ediff_jax.data import degradations, image_folder, photos, shapes_tfds
+from ediff_jax.data.shapes import RELATIONS
 
 Batch = dict[str, np.ndarray]
 
@@ -402,6 +403,7 @@ def make_train_iterator(
     lowres_size: int | None = None,
     degradation: Mapping[str, Any] | None = None,
     cache_decoded: bool = False,
+    relation_repeats: int = 1,
 ) -> Iterator[Batch]:
     """Endless ``{"image": float32 [B,H,W,3] in [-1,1], "caption": str [B], "index": int64 [B]}``
     batches; ``index`` is each example's position in ``split``.
@@ -420,6 +422,9 @@ def make_train_iterator(
     ``(seed, process_index, epoch, position in epoch)``, so resuming stays exact.
     ``cache_decoded`` decodes this host's shard once and keeps it in memory (small
     datasets of large images, such as ``ediff_photos``); the stream is the same either way.
+    ``relation_repeats=k`` shows every example whose caption states a spatial relation k times
+    per epoch (adjacent copies, mixed by the shuffle): relations are the rarest and latest-learnt
+    captions (issue #15), and repeating them, rather than sampling them, keeps resume exact.
     """
     if batch_size <= 0 or start_step < 0:
         raise ValueError(f"need batch_size > 0 and start_step >= 0, got {batch_size}, {start_step}")
@@ -439,6 +444,8 @@ def make_train_iterator(
     base = base.map(lambda index, ex: {**ex, "index": index})
     if cache_decoded:
         base = _decoded_cache(builder, base)
+    if relation_repeats != 1:
+        base, per_host = _repeat_relations(builder, base, f"{split}[{start}:{end}]", per_host, relation_repeats)
     buffer = max(1, min(shuffle_buffer, per_host))
 
     consumed = start_step * batch_size
@@ -463,6 +470,32 @@ def make_train_iterator(
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return _to_numpy(ds.with_options(_options()))
+
+
+_RELATION_PATTERN = ".* (" + "|".join(RELATIONS) + ") .*"
+
+
+def is_relation_caption(caption: str) -> bool:
+    """Whether an `ediff_shapes` caption states a spatial relation (`a red circle above a blue square`)."""
+    return re.fullmatch(_RELATION_PATTERN, caption) is not None
+
+
+def _repeat_relations(
+    builder: tfds.core.DatasetBuilder, base: tf.data.Dataset, shard: str, per_host: int, repeats: int
+) -> tuple[tf.data.Dataset, int]:
+    """`base` with each relation-caption example repeated `repeats` times in place, and the new epoch length."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"config.data.relation_repeats={repeats!r}: use a whole number >= 1 (1: every example once).")
+    relations = sum(map(is_relation_caption, read_captions(builder, shard)))
+    if relations == 0:
+        raise ValueError(f"config.data.relation_repeats={repeats} but no caption of {shard} states a relation "
+                         f"({', '.join(RELATIONS)}); set relation_repeats=1 for this dataset.")
+
+    def copies(ex: dict[str, tf.Tensor]) -> tf.data.Dataset:
+        match = tf.strings.regex_full_match(ex["caption"], _RELATION_PATTERN)
+        return tf.data.Dataset.from_tensors(ex).repeat(tf.where(match, tf.constant(repeats, tf.int64), tf.constant(1, tf.int64)))
+
+    return base.flat_map(copies), per_host + (repeats - 1) * relations
 
 
 def make_eval_iterator(

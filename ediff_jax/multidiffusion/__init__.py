@@ -8,8 +8,10 @@ per-pixel weighted average), so the sampler sees one canvas-sized D(x; sigma).
   fusion.py    the least-squares fusion (`fuse`, `fuse_batched`)
   denoiser.py  any denoise_fn(x, sigma) -> a canvas denoiser, crops vmapped in chunks
   regions.py   region prompts with masks, and bootstrapping (paper Sec. 4.2)
-  sampler.py   text-to-image on a trained workdir (`MultiDiffusionSampler`, the CLI's entry);
-               `canvas_denoiser` composes guidance, canvas-aligned conditioning (paint-with-words
+  strategies.py  which crops an evaluation runs and their weights: overlap (MultiDiffusion),
+               gaussian (Mixture of Diffusers), shifted (SpotDiffusion)
+  sampler.py   text-to-image canvases with a trained model (`MultiDiffusionSampler`; workdirs go
+               through `ediff_jax.generation.generate`); `canvas_denoiser` composes guidance, canvas-aligned conditioning (paint-with-words
                masks at canvas size, cut per crop) and region prompts
 
 Typical use with any denoiser:
@@ -24,7 +26,9 @@ from ediff_jax.multidiffusion.fusion import fuse, fuse_batched
 from ediff_jax.multidiffusion.regions import (bootstrap_sigma, box_mask, check_masks, region_denoiser,
                                               region_view_denoiser, region_weights)
 from ediff_jax.multidiffusion.sampler import (CANVAS_COND_KEYS, MultiDiffusionSampler, canvas_denoiser, load_mask,
-                                              parse_region, sample_canvas_from_workdir)
+                                              parse_region)
+from ediff_jax.multidiffusion.strategies import (STRATEGIES, evaluations_per_call, gaussian_tile_weights,
+                                                 shifted_views)
 from ediff_jax.multidiffusion.views import Tiling, crop, crop_views, get_views, wrap_canvas
 
 __all__ = [
@@ -47,7 +51,10 @@ __all__ = [
     "MultiDiffusionSampler",
     "canvas_denoiser",
     "CANVAS_COND_KEYS",
-    "sample_canvas_from_workdir",
     "load_mask",
     "parse_region",
+    "STRATEGIES",
+    "evaluations_per_call",
+    "gaussian_tile_weights",
+    "shifted_views",
 ]

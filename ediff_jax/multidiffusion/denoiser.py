@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ediff_jax.multidiffusion.fusion import concrete_or_none, fuse_batched
+from ediff_jax.multidiffusion.strategies import check_strategy, views_and_weights
 from ediff_jax.multidiffusion.views import Tiling, crop, view_indices, wrap_canvas
 
 Array = jax.Array
@@ -102,25 +103,36 @@ def tiled_denoiser(
     *,
     chunk_size: int | None = None,
     weights: Array | None = None,
+    strategy: str = "overlap",
+    rng: Array | None = None,
+    offset_multiple: int = 1,
 ) -> DenoiseFn:
     """D(x; sigma) on the canvas from a view-aware crop denoiser `view_fn(x_crop, sigma, view)`.
 
     The view offset lets a denoiser cut matching crops of other canvas-aligned inputs:
     paint-with-words masks, or a super-resolution stage's (upsampled) low-res image via
     `crop(wrap_canvas(lowres, tiling), view, tiling)`. `weights` [N, h, w, 1] (None: 1)
-    are the per-crop least-squares weights.
+    are the per-crop least-squares weights. `strategy` picks the crops and their weights
+    (`strategies.py`); `shifted` draws its offsets from `rng`, in multiples of
+    `offset_multiple` (an SR stage's factor, so its low-res crops stay aligned).
     """
     check_chunk_size(chunk_size)
+    check_strategy(strategy)
     if weights is not None:
+        if strategy == "shifted":
+            raise ValueError("Per-crop weights need fixed views; the shifted strategy moves its windows every step.")
         check_canvas_weights(weights, tiling)
-    views = jnp.asarray(tiling.views)
+    if strategy == "shifted" and rng is None:
+        raise ValueError("The shifted canvas strategy draws its window offsets from an rng; pass rng.")
 
     def denoise(x: Array, sigma: Array) -> Array:
         chex.assert_shape(x, (None, tiling.height, tiling.width, None))
+        views, tile_weights = views_and_weights(tiling, strategy, rng, sigma, offset_multiple)
+        w = tile_weights if weights is None else (weights if tile_weights is None else weights * tile_weights)
         xw = wrap_canvas(x, tiling)
         d = map_views(lambda v: view_fn(crop(xw, v, tiling), sigma, v), views, chunk_size)
-        chex.assert_shape(d, (tiling.num_views, x.shape[0], *tiling.window, x.shape[3]))
-        return fuse_batched(d, views, tiling.height, tiling.width, weights, circular=tiling.circular).astype(x.dtype)
+        chex.assert_shape(d, (views.shape[0], x.shape[0], *tiling.window, x.shape[3]))
+        return fuse_batched(d, views, tiling.height, tiling.width, w, circular=tiling.circular).astype(x.dtype)
 
     return denoise
 
@@ -131,13 +143,15 @@ def multidiffusion_denoiser(
     *,
     chunk_size: int | None = None,
     weights: Array | None = None,
+    strategy: str = "overlap",
+    rng: Array | None = None,
 ) -> DenoiseFn:
     """MultiDiffusion on a canvas: `denoise_fn(x, sigma)` on every crop, fused by least squares.
 
     `denoise_fn` takes window-sized batches [B, h, w, C] and a scalar sigma; the returned
     denoiser takes canvases [B, H, W, C] and is what `edm.heun_sample` expects. Per call it
-    evaluates `denoise_fn` once per view (`tiling.num_views` crops, in batched chunks of
-    `chunk_size`).
+    evaluates `denoise_fn` once per view (`strategies.evaluations_per_call` crops: `tiling.num_views`
+    unless `strategy` is shifted), in batched chunks of `chunk_size`.
     """
     return tiled_denoiser(lambda xc, sigma, view: denoise_fn(xc, sigma), tiling, chunk_size=chunk_size,
-                          weights=weights)
+                          weights=weights, strategy=strategy, rng=rng)

@@ -29,6 +29,7 @@ from ediff_jax.multidiffusion.denoiser import (
     map_views,
 )
 from ediff_jax.multidiffusion.fusion import concrete_or_none, fuse_batched
+from ediff_jax.multidiffusion.strategies import check_strategy, evaluations_per_call, views_and_weights
 from ediff_jax.multidiffusion.views import Tiling, crop, wrap_canvas
 
 Array = jax.Array
@@ -117,6 +118,7 @@ def region_denoiser(
     rng: Array,
     bootstrap_above: float = math.inf,
     chunk_size: int | None = None,
+    strategy: str = "overlap",
 ) -> DenoiseFn:
     """Canvas D(x; sigma) for a background prompt plus K masked region prompts.
 
@@ -128,7 +130,7 @@ def region_denoiser(
     run is reproducible.
     """
     return region_view_denoiser(lambda crops, sigma, view: denoise_fn(crops, sigma), tiling, masks, rng=rng,
-                                bootstrap_above=bootstrap_above, chunk_size=chunk_size)
+                                bootstrap_above=bootstrap_above, chunk_size=chunk_size, strategy=strategy)
 
 
 def region_view_denoiser(
@@ -139,20 +141,21 @@ def region_view_denoiser(
     rng: Array,
     bootstrap_above: float = math.inf,
     chunk_size: int | None = None,
+    strategy: str = "overlap",
 ) -> DenoiseFn:
     """`region_denoiser` whose crop denoiser also gets the view's offset, `view_fn(crops, sigma, view)`,
     so it can cut the matching crop of canvas-aligned conditioning (paint-with-words masks), as
-    `tiled_denoiser` does for a single prompt."""
+    `tiled_denoiser` does for a single prompt. `strategy` picks the crops and multiplies their tile
+    weights into the region weights (`strategies.py`); shifted offsets come from `rng` too."""
     check_chunk_size(chunk_size)
+    check_strategy(strategy)
     value = concrete_or_none(masks)
     if value is not None:
         masks = check_masks(value, tiling.height, tiling.width)
     chex.assert_shape(masks, (None, tiling.height, tiling.width))
     k = masks.shape[0]
     h, w = tiling.window
-    views = jnp.asarray(tiling.views)
-    item_views = np.repeat(tiling.views, k + 1, axis=0)  # item (view i, prompt j) at i * (K + 1) + j
-    n = tiling.num_views
+    n = evaluations_per_call(tiling, strategy)
     # Weights as a [K + 1, H, W, 1] "batch" so the same crop() cuts them.
     weights_w = wrap_canvas(region_weights(masks)[..., None], tiling)
 
@@ -164,6 +167,8 @@ def region_view_denoiser(
         chex.assert_rank(sigma, 0)
         boot = sigma > bootstrap_above
         key = jax.random.fold_in(rng, jax.lax.bitcast_convert_type(sigma.astype(jnp.float32), jnp.uint32))
+        views, tile_weights = views_and_weights(tiling, strategy, jax.random.fold_in(rng, 7), sigma)
+        item_views = jnp.repeat(views, k + 1, axis=0)  # item (view i, prompt j) at i * (K + 1) + j
 
         def per_view(args: tuple[Array, Array]) -> tuple[Array, Array]:
             view, index = args
@@ -182,6 +187,8 @@ def region_view_denoiser(
             return d.reshape(k + 1, b, h, w, c), wc
 
         d, wc = map_views(per_view, (views, jnp.arange(n)), chunk_size)  # [N, K+1, B, ...], [N, K+1, h, w, 1]
+        if tile_weights is not None:  # Gaussian tiles: each crop's region weights fade towards its edges
+            wc = wc * tile_weights[:, None]
         out = fuse_batched(d.reshape(n * (k + 1), b, h, w, c), item_views, tiling.height, tiling.width,
                            wc.reshape(n * (k + 1), h, w, 1), circular=tiling.circular)
         return out.astype(x.dtype)

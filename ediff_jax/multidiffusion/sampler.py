@@ -17,16 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ediff_jax import edm, sr
+from ediff_jax import edm, experts, sr
 from ediff_jax import paint_with_words as pww
-from ediff_jax.images import ensure_writable_dir, to_uint8
+from ediff_jax.images import to_uint8
 from ediff_jax.multidiffusion.denoiser import check_chunk_size, tiled_denoiser
-from ediff_jax.multidiffusion.regions import bootstrap_sigma, check_bootstrap_fraction, check_masks, region_view_denoiser
+from ediff_jax.multidiffusion.regions import bootstrap_sigma, check_masks, region_view_denoiser
+from ediff_jax.multidiffusion.strategies import check_strategy, evaluations_per_call
 from ediff_jax.multidiffusion.views import Tiling, crop, wrap_canvas
-from ediff_jax.paths import as_path
-from ediff_jax.sampling import make_model_fn, write_samples
+from ediff_jax.sampling import make_model_fn
+from ediff_jax.spec import Guidance, parse_region, per_expert_guidance  # noqa: F401  (parse_region: re-exported)
 from ediff_jax.text.conditioning import TextEncoders, select_encoders, unconditional
-from ediff_jax.workdirs import check_base_workdir, load_workdir, read_workdir_config
 
 Region = tuple[str, Any]  # (prompt, mask [H, W] in [0, 1] or a path to a PNG)
 # Conditioning arrays laid out on the canvas ([rows, H, W, ...]): each crop's denoiser call gets
@@ -35,7 +35,8 @@ CANVAS_COND_KEYS = ("pww_mask",)
 
 
 def canvas_denoiser(model_fn: Any, cond: dict, tiling: Tiling, *, guidance: Any, region_masks: Any = None,
-                    rng: Any = None, bootstrap_above: float = float("inf"), chunk_size: int | None = None) -> Any:
+                    rng: Any = None, bootstrap_above: float = float("inf"), chunk_size: int | None = None,
+                    strategy: str = "overlap") -> Any:
     """D(x; sigma) on the canvas: classifier-free guidance of `model_fn(x, sigma, cond)` on every crop,
     fused by least squares, with region prompts when `region_masks` [K, H, W] are given.
 
@@ -43,7 +44,8 @@ def canvas_denoiser(model_fn: Any, cond: dict, tiling: Tiling, *, guidance: Any,
     (background first, as `region_denoiser` expects). Entries named in `CANVAS_COND_KEYS` lie on the
     canvas ([rows, H, W, ...]); each crop is conditioned on its own crop of them, so painting a
     region of the canvas conditions exactly the crops that overlap it. `rng` drives region
-    bootstrapping (needed with regions).
+    bootstrapping (needed with regions) and the shifted strategy's offsets; `strategy` picks the
+    crops and their weights (`strategies.py`).
     """
     canvas = {k: wrap_canvas(cond[k], tiling) for k in CANVAS_COND_KEYS if k in cond}
 
@@ -53,8 +55,8 @@ def canvas_denoiser(model_fn: Any, cond: dict, tiling: Tiling, *, guidance: Any,
 
     if region_masks is not None and region_masks.shape[0]:
         return region_view_denoiser(view_fn, tiling, region_masks, rng=rng, bootstrap_above=bootstrap_above,
-                                    chunk_size=chunk_size)
-    return tiled_denoiser(view_fn, tiling, chunk_size=chunk_size)
+                                    chunk_size=chunk_size, strategy=strategy)
+    return tiled_denoiser(view_fn, tiling, chunk_size=chunk_size, strategy=strategy, rng=rng)
 
 
 def default_stride(window: int) -> int:
@@ -107,10 +109,13 @@ class MultiDiffusionSampler:
         progress: bool = False,
         boundaries: Any = None,
         lowres_factor: int = 1,
+        strategy: str = "overlap",
     ):
-        """`boundaries`: sigma boundaries of a stacked expert ensemble (`params` stacked), else None."""
+        """`boundaries`: sigma boundaries of a stacked expert ensemble (`params` stacked), else None.
+        `strategy`: which crops each evaluation runs and how they are weighted (`strategies.STRATEGIES`)."""
         edm.check_sampler(sampler, steps)
         check_chunk_size(chunk_size)
+        self.strategy = check_strategy(strategy)
         self.encoders = encoders
         self.is_sr, self.lowres_factor = bool(getattr(model, "lowres_cond", False)), int(lowres_factor)
         if self.is_sr:
@@ -119,7 +124,9 @@ class MultiDiffusionSampler:
             stride = default_stride(image_size) if stride is None else stride
             self.tiling = Tiling(height, width, image_size, stride, circular)
         tiling = self.tiling
+        self.evaluations_per_call = evaluations_per_call(tiling, strategy)  # crops per denoiser call, per prompt
         self.sigmas = sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max)
+        self.num_experts = 1 if boundaries is None else len(np.asarray(boundaries)) + 1
         self.bootstrap_above = bootstrap_sigma(np.asarray(sigmas), bootstrap_fraction)
         sample_fn = edm.SAMPLERS[sampler]
 
@@ -132,6 +139,7 @@ class MultiDiffusionSampler:
                 rcond = select_encoders(encoders.encode(enc_params, region_tokens), use_t5, use_clip)
                 cond = jax.tree.map(lambda c, r: jnp.concatenate([c, jnp.repeat(r, batch, axis=0)]), cond, rcond)
             model_fn = make_model_fn(model, params, sigma_data, boundaries)
+            scales = experts.guidance_by_expert(guidance, boundaries)  # one scale, or one per expert
             if self.is_sr:  # each tile conditions on its own crop of the (noise-augmented) low-res canvas
                 noisy_low = sr.noise_lowres(jax.random.fold_in(rng, 2), lowres, aug_level)
                 low = wrap_canvas(noisy_low, low_tiling)
@@ -141,22 +149,23 @@ class MultiDiffusionSampler:
                 def view_fn(xc: jax.Array, sigma: jax.Array, view: jax.Array) -> jax.Array:
                     c = {**cond, **extra_cond, **{k: crop(v, view, tiling) for k, v in canvas.items()},
                          "lowres": crop(low, view // f, low_tiling), "aug_level": aug_level}
-                    return edm.guided_denoiser(model_fn, c, unconditional(c), guidance)(xc, sigma)
+                    return edm.guided_denoiser(model_fn, c, unconditional(c), scales)(xc, sigma)
 
-                denoise = tiled_denoiser(view_fn, tiling, chunk_size=chunk_size)
+                denoise = tiled_denoiser(view_fn, tiling, chunk_size=chunk_size, strategy=strategy,
+                                         rng=jax.random.fold_in(rng, 3), offset_multiple=f)
                 x = sr.initial_state(rng, (batch, tiling.height, tiling.width, 3), sigmas[0], noisy_low,
                                      bool(getattr(model, "lowres_residual", False)))
                 return sample_fn(denoise, x, sigmas, progress=progress)
-            denoise = canvas_denoiser(model_fn, {**cond, **extra_cond}, tiling, guidance=guidance, region_masks=masks,
+            denoise = canvas_denoiser(model_fn, {**cond, **extra_cond}, tiling, guidance=scales, region_masks=masks,
                                       rng=jax.random.fold_in(rng, 1), bootstrap_above=self.bootstrap_above,
-                                      chunk_size=chunk_size)
+                                      chunk_size=chunk_size, strategy=strategy)
             # Same initial noise as `Sampler` for the same seed: one view reproduces it exactly.
             x = jax.random.normal(rng, (batch, tiling.height, tiling.width, 3)) * sigmas[0]
             return sample_fn(denoise, x, sigmas, progress=progress)
 
         self._run = jax.jit(run, static_argnames=("use_t5", "use_clip"))
 
-    def __call__(self, params: Any, prompts: Sequence[str], *, regions: Sequence[Region] = (), guidance: float = 3.0,
+    def __call__(self, params: Any, prompts: Sequence[str], *, regions: Sequence[Region] = (), guidance: Guidance = 3.0,
                  seed: int = 0, use_t5: bool = True, use_clip: bool = True, lowres: Any = None,
                  aug_level: float = 0.0, extra_cond: dict | None = None) -> np.ndarray:
         """One canvas per prompt (its background prompt when `regions` are given); uint8 [N, H, W, 3].
@@ -167,8 +176,10 @@ class MultiDiffusionSampler:
         or (K + 1) * N prompt-major with K regions (the background prompts, then each region's
         prompt N times); `CANVAS_COND_KEYS` entries are at canvas size (e.g. paint-with-words
         masks from `paint_with_words.pww_cond(..., (H, W))`) and are cut per crop. They are
-        runtime inputs: a new painting does not recompile.
+        runtime inputs: a new painting does not recompile. `guidance` is one scale or one per expert
+        (highest noise first).
         """
+        guidance = per_expert_guidance(guidance, self.num_experts, "guidance")
         prompts = list(prompts)
         if not prompts:
             raise ValueError("Give at least one prompt.")
@@ -186,7 +197,7 @@ class MultiDiffusionSampler:
         tokens = self.encoders.tokenize(prompts)
         region_tokens = self.encoders.tokenize(region_prompts) if region_prompts else None
         images = self._run(params, self.encoders.params, tokens, region_tokens, jnp.asarray(masks),
-                           jax.random.PRNGKey(seed), jnp.float32(guidance), low, level, extra, use_t5=use_t5,
+                           jax.random.PRNGKey(seed), jnp.asarray(guidance, jnp.float32), low, level, extra, use_t5=use_t5,
                            use_clip=use_clip)
         return to_uint8(jax.device_get(images))
 
@@ -203,14 +214,6 @@ class MultiDiffusionSampler:
         return extra
 
 
-def parse_region(spec: str) -> tuple[str, str]:
-    """'a red circle=mask.png' -> ('a red circle', 'mask.png') (split at the last '=')."""
-    prompt, sep, path = str(spec).rpartition("=")
-    if not sep or not prompt.strip() or not path.strip():
-        raise ValueError(f"A region is PROMPT=MASK.png (e.g. 'a red circle=mask.png'); got {spec!r}.")
-    return prompt.strip(), path.strip()
-
-
 def load_mask(path: str | Path, height: int, width: int) -> np.ndarray:
     """A PNG mask (grayscale: white = inside the region) as float32 [H, W] in [0, 1]."""
     path = Path(path).expanduser()
@@ -219,74 +222,6 @@ def load_mask(path: str | Path, height: int, width: int) -> np.ndarray:
     with Image.open(path) as img:
         mask = np.asarray(img.convert("L"), np.float32) / 255.0
     return check_masks([mask], height, width, [str(path)])[0]
-
-
-def sample_canvas_from_workdir(
-    workdir: str | Path,
-    prompts: Sequence[str],
-    *,
-    height: int | None = None,
-    width: int | None = None,
-    stride: int | None = None,
-    circular: bool = False,
-    regions: Sequence[Region] = (),
-    num: int = 1,
-    guidance: float | None = None,
-    steps: int | None = None,
-    seed: int = 0,
-    sampler: str | None = None,
-    out: str | Path | None = None,
-    use_t5: bool = True,
-    use_clip: bool = True,
-    chunk_size: int | None = None,
-    bootstrap_fraction: float = 0.2,
-    progress: bool = True,
-    ema_decay: float | None = None,
-    paint: Mapping[str, Any] | None = None,
-    pww_weight: float = 0.4,
-    ema_sigma_rel: float | None = None,
-) -> np.ndarray:
-    """Writes one PNG per canvas and `grid.png` to `out`; returns uint8 [len(prompts) * num, H, W, 3].
-
-    Canvas size defaults to the model's; every input (canvas, stride, masks) is checked
-    before the checkpoint is loaded. `paint` ({phrase: mask}, masks of any size, stretched
-    to the canvas) adds paint-with-words at strength `pww_weight`: each crop is conditioned
-    on its crop of the painting, and with `regions` each prompt (background or region) takes
-    the painted phrases it contains. Then `masks.png` and `paint.txt` are written too.
-    """
-    if not prompts:
-        raise ValueError("Give at least one prompt.")
-    workdir = as_path(workdir)
-    check_base_workdir(workdir)
-    saved = read_workdir_config(workdir)
-    size = int(saved.data.image_size)
-    edm.check_sampler(sampler or str(saved.sample.sampler), int(saved.sample.steps) if steps is None else steps)
-    height, width = size if height is None else height, size if width is None else width
-    # Geometry and mask errors surface here, before the checkpoint is loaded.
-    Tiling(height, width, size, default_stride(size) if stride is None else stride, circular)
-    check_chunk_size(chunk_size)
-    check_bootstrap_fraction(bootstrap_fraction)
-    regions = [(p, load_mask(m, height, width) if isinstance(m, (str, Path)) else m) for p, m in regions]
-    check_masks([m for _, m in regions], height, width, [p for p, _ in regions])
-    raw_paint = {phrase: pww.load_mask(m, None, what=repr(phrase)) for phrase, m in (paint or {}).items()}
-    out = ensure_writable_dir(out or workdir / "samples")
-    config, exp, ema_params = load_workdir(workdir, ema_decay=ema_decay, ema_sigma_rel=ema_sigma_rel)
-    sample = MultiDiffusionSampler(
-        exp.model, exp.encoders, image_size=size, height=height, width=width, stride=stride, circular=circular,
-        steps=int(config.sample.steps) if steps is None else steps, sampler=sampler or config.sample.sampler,
-        sigma_data=float(config.edm.sigma_data), chunk_size=chunk_size, bootstrap_fraction=bootstrap_fraction,
-        progress=progress, boundaries=getattr(exp, "boundaries", None),
-    )
-    guidance = float(config.sample.guidance) if guidance is None else float(guidance)
-    expanded = [p for p in prompts for _ in range(num)]
-    extra = canvas_paint_cond(exp.encoders, expanded, regions, raw_paint, (height, width), pww_weight) if paint else None
-    images = sample(ema_params, expanded, regions=regions, guidance=guidance, seed=seed, use_t5=use_t5,
-                    use_clip=use_clip, extra_cond=extra)
-    cols = num if width <= 2 * height else 1  # panoramas stack one per row
-    write_samples(images, out, num, list(prompts) + [f"region: {p}" for p, _ in regions], cols=cols)
-    if paint:
-        pww.write_paint_record(out, paint, raw_paint, (height, width), pww_weight)
-    return images
 
 
 def canvas_paint_cond(encoders: TextEncoders, prompts: Sequence[str], regions: Sequence[Region],

@@ -202,8 +202,13 @@ def _check_batch_splits(config: ml_collections.ConfigDict, phases: list[list[exp
                              f"{where} gets per step; pick a divisor or change config.train.batch_size.")
 
 
-def build_experiment(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
-    """Validates the config and builds everything that does not depend on the workdir."""
+def build_experiment(config: ml_collections.ConfigDict, devices: list | None = None,
+                     encoders: TextEncoders | None = None, process_count: int | None = None) -> Experiment:
+    """Validates the config and builds everything that does not depend on the workdir.
+
+    `devices` (default: all) make the mesh; `encoders` replace the ones config.text names and
+    `process_count` this job's (both for planning a pod from elsewhere: `ediff_jax.plan`).
+    """
     validate_config(config)
     sr.check_sr_config(config)
     try:  # the grids written during and after training sample with these: refused now, not after the run
@@ -223,8 +228,8 @@ def build_experiment(config: ml_collections.ConfigDict, devices: list | None = N
             f"config.train.batch_size={config.train.batch_size} is not divisible by the {dp} data-parallel "
             "devices; pick a multiple."
         )
-    _check_batch_splits(config, phases, jax.process_count())
-    encoders = load_text_encoders(config.text)
+    _check_batch_splits(config, phases, jax.process_count() if process_count is None else process_count)
+    encoders = load_text_encoders(config.text) if encoders is None else encoders
     tx, schedule = make_optimizer(config.train)
     return Experiment(config, model, encoders, mesh, tx, schedule, phases, phase_ends)
 

@@ -310,6 +310,7 @@ def train_iterator(config: ml_collections.ConfigDict, builder: Any, start_step: 
         process_count=process_count,
         shuffle_buffer=int(config.data.shuffle_buffer),
         cache_decoded=bool(config.data.cache_decoded),
+        relation_repeats=int(config.data.relation_repeats) if split == "train" else 1,
         split=split,
         **_sr_data_args(config),
     )

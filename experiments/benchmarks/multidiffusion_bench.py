@@ -176,7 +176,7 @@ def main() -> None:
     single = jax.jit(denoise).lower(crops[0], sigma).compile().memory_analysis().temp_size_in_bytes
 
     ms = lambda s: f"{s * 1e3:.1f} ms"
-    print(f"| measure | value |\n|---|---|")
+    print("| measure | value |\n|---|---|")
     print(f"| views (canvas {args.height}x{args.width}, window {window}, stride {args.stride}) | {n} |")
     print(f"| crop evaluations per fused denoiser call (counted) | {per_call} (expected {n}) |")
     print(f"| crop evaluations in a {args.steps}-step Heun run (counted) | {per_run} "

@@ -1,0 +1,137 @@
+"""Canvas strategies and samplers side by side: MultiDiffusion (`overlap`), Mixture of Diffusers
+(`gaussian`) and SpotDiffusion (`shifted`), each with Heun, Euler and DPM-Solver++(2M).
+
+Every setting samples the same prompts from the same noise on each canvas: a window x 4 windows
+panorama (32x128 for a 32x32 model; overlap at stride window/4, the issue's 13 views), a circular
+window x 8 windows panorama (32x256), and the first with a region prompt (a red circle in the left
+quarter). Per setting:
+
+- cost: crops per denoiser call (`multidiffusion.evaluations_per_call`, counted exactly by the
+  tests), model evaluations per panorama (crops x prompts x sampler evaluations) and seconds per
+  panorama (a second, already-compiled call);
+- seam ratio: mean |horizontal pixel step| across the columns at multiples of the window over
+  the mean across all columns (1 = seamless; `stride.py`);
+- coherence: the mean feature distance between window-sized crops of one panorama, in the shipped
+  feature network (the analogue of SyncDiffusion's intra-LPIPS; lower is more coherent);
+- crop alignment and Fréchet distance: window-sized crops every half window, scored against the
+  panorama's prompt (colour and shape) and against real validation images (no-region rows).
+
+  python experiments/ablations/canvas.py --workdir WORKDIR --out experiments/results/canvas
+  python experiments/ablations/canvas.py --out /tmp/abl_canvas --smoke      # the tests run this
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from experiments.ablations import common
+from experiments.ablations.stride import crops, evaluations_per_run, seam_ratio, timed_sampling
+
+DEFAULT_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
+COLUMNS = ("canvas", "regions", "strategy", "sampler", "steps", "crops_per_call", "evals_per_panorama",
+           "seconds_per_panorama", "seam_ratio", "coherence_distance", "crop_color_shape_accuracy",
+           "frechet_distance")
+
+
+def coherence_distance(features: Any, per_canvas: int) -> float:
+    """Mean pairwise Euclidean distance between the crop features of each panorama, averaged over
+    panoramas. `features` [K * N, D] are offset-major (crop k of panorama n at row k * N + n)."""
+    import numpy as np
+
+    f = np.asarray(features, np.float64)
+    f = f.reshape(per_canvas, -1, f.shape[-1]).transpose(1, 0, 2)  # [N, K, D]
+    d = np.linalg.norm(f[:, :, None] - f[:, None, :], axis=-1)  # [N, K, K]
+    k = f.shape[1]
+    return float(d.sum(axis=(1, 2)).mean() / max(k * (k - 1), 1))
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    p = common.base_parser(__doc__)
+    p.add_argument("--workdir", default=None,
+                   help="A trained base-model workdir (default: a smoke model with --smoke, else workdirs/quickstart).")
+    p.add_argument("--strategies", nargs="+", default=["overlap", "gaussian", "shifted"])
+    p.add_argument("--samplers", nargs="+", default=["heun", "euler", "dpmpp_2m"])
+    p.add_argument("--steps", type=int, default=None, help="Sampler steps (default: the workdir's config).")
+    p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="One-object ediff_shapes prompts.")
+    p.add_argument("--num_real", type=int, default=1000, help="Real validation images for Fréchet distance.")
+    p.add_argument("--guidance", type=float, default=None, help="Guidance scale (default: the workdir's config).")
+    args = p.parse_args(argv)
+    common.configure_smoke_runtime(args.smoke)
+    common.smoke_overrides(args, prompts=list(DEFAULT_PROMPTS[:2]), num_real=16, steps=common.SMOKE_SAMPLER_STEPS,
+                           samplers=["euler"])
+    if len(args.prompts) < 2:
+        p.error("--prompts must list at least 2 prompts (sampled in two timed calls).")
+
+    import numpy as np
+
+    from ediff_jax.images import ensure_writable_dir
+    from ediff_jax.multidiffusion import MultiDiffusionSampler, box_mask
+
+    out = ensure_writable_dir(args.out)
+    clock = common.Clock()
+    model = common.load_model(common.default_workdir(args, out))
+    window = model.image_size
+    guidance = model.guidance if args.guidance is None else args.guidance
+    steps = args.steps or model.sampler_steps
+    evaluator = common.Evaluator(window, args.num_real, args.feature_weights)
+    region = [("a red circle", box_mask(window, 4 * window, 0, 0, window, window))]
+    canvases = [("panorama", 4 * window, False, ()), ("circular", 8 * window, True, ()),
+                ("panorama", 4 * window, False, tuple(region))]
+    rows, grids = [], []
+    for name, width, circular, regions in canvases:
+        for strategy in args.strategies:
+            for sampler_name in args.samplers:
+                if regions and sampler_name != args.samplers[0]:
+                    continue  # regions: one sampler is enough to see the strategy's effect
+                sampler = MultiDiffusionSampler(
+                    model.exp.model, model.exp.encoders, image_size=window, height=window, width=width,
+                    stride=None if strategy == "shifted" else max(window // 4, 1), circular=circular, steps=steps,
+                    sampler=sampler_name, sigma_data=model.sigma_data, boundaries=model.boundaries, strategy=strategy)
+                images, per_image, _ = timed_sampling(
+                    lambda chunk, seed: sampler(model.params, chunk, guidance=guidance, seed=seed, regions=regions),
+                    args.prompts, args.seed)
+                crop_images, per_canvas = crops(images, window)
+                crop_prompts = [prompt for _ in range(per_canvas) for prompt in args.prompts]
+                calls = sampler.evaluations_per_call
+                row = {
+                    "canvas": f"{window}x{width}" + (" circular" if circular else ""),
+                    "regions": len(regions), "strategy": strategy, "sampler": sampler_name, "steps": steps,
+                    "crops_per_call": calls,
+                    "evals_per_panorama": calls * (len(regions) + 1) * evaluations_per_run(sampler_name, steps),
+                    "seconds_per_panorama": per_image, "seam_ratio": seam_ratio(images, window),
+                    "coherence_distance": coherence_distance(evaluator.features(crop_images), per_canvas),
+                    "crop_color_shape_accuracy": float("nan"), "frechet_distance": float("nan"),
+                }
+                if not regions:
+                    scored = common.alignment(crop_images, crop_prompts)
+                    row["crop_color_shape_accuracy"] = scored["all_ok_accuracy"]
+                    row["frechet_distance"] = evaluator.distances(crop_images)["frechet_distance"]
+                rows.append(row)
+                if sampler_name == args.samplers[0]:
+                    grids.append(images[:, :, :4 * window])
+                print(f"{row['canvas']} regions={row['regions']} {strategy} {sampler_name}: {calls} crops/call, "
+                      f"{per_image:.2f} s/panorama, seam {row['seam_ratio']:.3f}, "
+                      f"coherence {row['coherence_distance']:.3f}, accuracy {row['crop_color_shape_accuracy']:.3f}",
+                      flush=True)
+
+    notes = [
+        f"Model: `{model.workdir}` ({model.train_samples} training samples), window {window}. "
+        f"{len(args.prompts)} prompts ({'; '.join(args.prompts)}), one panorama each, {steps} steps, guidance "
+        f"{guidance:g}, seed {args.seed} (the same noise for every setting). overlap and gaussian: stride "
+        f"{max(window // 4, 1)}; shifted: non-overlapping windows under a random offset per step.",
+        "evals_per_panorama: crops per call x prompts (background + regions) x sampler evaluations (Heun: 2 per "
+        "step, 1 on the last). seconds_per_panorama: the second (compiled) call. seam_ratio: pixel steps at "
+        f"multiples of {window} columns over all columns (1 = seamless). coherence_distance: mean feature distance "
+        "between crops of one panorama (lower = more coherent). Crop accuracy and Fréchet distance: "
+        f"{window}x{window} crops every {max(window // 2, 1)} pixels (regions rows: not scored, the crops hold "
+        f"two prompts); Fréchet distance to {args.num_real} validation images, biased up by few crops: compare rows.",
+        f"Command: `{common.command('canvas.py', argv)}`. {clock.summary()}.",
+    ]
+    common.write_results(out, rows, COLUMNS, "Canvas strategies and samplers", notes, smoke=args.smoke)
+    common.save_grid(np.concatenate(grids), out / "panoramas.png", cols=len(args.prompts))
+    print(f"Wrote results.md, results.csv and panoramas.png to {out} ({clock.summary()}).")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
