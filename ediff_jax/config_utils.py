@@ -155,6 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Other axes: `fsdp` (parameters and optimizer state split by the sharding rules, the
     # batch split over data x fsdp), `expert` (a stacked expert axis), and `dcn`, a dict of
     # per-axis slice counts for multi-slice pods, e.g. {"data": -1, "fsdp": 8, "dcn": {"data": 2}}.
+    # None: the axis is not in the mesh. They are keys here so that `--config.mesh.fsdp=8` works
+    # on the command line, where the config is locked against new keys.
+    c.mesh.fsdp = ml_collections.FieldReference(None, field_type=int)
+    c.mesh.expert = ml_collections.FieldReference(None, field_type=int)
 
     # Parameter / optimizer-state sharding: (regex, rule) pairs matched in order against
     # '/'-joined parameter paths (first match wins), then the default ".*" -> "fsdp". A

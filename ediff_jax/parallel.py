@@ -93,7 +93,7 @@ def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | No
     With `dcn` and several slices (TPU multislice) or several processes (GPU hosts) it is
     `create_hybrid_device_mesh`'s; with a single slice and process it is emulated.
     """
-    config = dict(mesh_config)
+    config = {name: size for name, size in dict(mesh_config).items() if size is not None}  # None: no such axis
     dcn_config = config.pop(DCN_KEY, None) or {}
     if not config:
         raise ValueError("config.mesh defines no axes; use e.g. {'data': -1}.")

@@ -5,6 +5,7 @@ two-process (gloo) run over one global mesh."""
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import flax
@@ -16,6 +17,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ediff_jax import distributed, experts, parallel, sharding
+
+REPO = Path(__file__).resolve().parents[1]
 
 MIN = 1024  # FSDP threshold (elements) for these small trees
 
@@ -329,6 +332,22 @@ def test_mesh_several_axes_with_autofill_and_batch_over_data_and_fsdp():
     assert batch.addressable_shards[0].data.shape == (2,)
     subset = jax.devices()[4:][::-1]  # a caller-chosen subset keeps the caller's order, as before
     assert list(parallel.make_mesh({"data": -1}, subset).devices.flat) == subset
+
+
+def test_mesh_axes_can_be_set_on_the_command_line(tmp_path):
+    """`--config.mesh.fsdp=N` on the locked CLI config (README's pod command) reaches the mesh (was: "invalid
+    --config override ('fsdp')"); left unset, fsdp and expert are not axes at all."""
+    import subprocess
+    import sys
+
+    from ediff_jax.config_utils import base_config
+
+    result = subprocess.run([sys.executable, "-m", "ediff_jax.train", "--config", "configs/base64.py:size=tiny",
+                             "--config.mesh.fsdp=3", "--config.mesh.expert=1", f"--workdir={tmp_path / 'w'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "config.mesh {'data': -1, 'expert': 1, 'fsdp': 3} does not divide the 8 available devices" in result.stderr
+    assert dict(parallel.make_mesh(base_config().mesh.to_dict()).shape) == {"data": 8}
 
 
 def test_dcn_axes_emulated_on_one_slice():
