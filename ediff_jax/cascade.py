@@ -25,7 +25,7 @@ from ediff_jax.multidiffusion.regions import check_masks
 from ediff_jax.multidiffusion.sampler import Region, canvas_paint_cond, load_mask
 from ediff_jax.paths import as_path
 from ediff_jax.sampling import Sampler
-from ediff_jax.spec import SR_MODES, CanvasSpec, GenerationSpec, StageSettings, per_expert_guidance
+from ediff_jax.spec import SR_MODES, CanvasSpec, GenerationSpec, StageSettings
 from ediff_jax.workdirs import check_ema_choice, load_workdir, read_workdir_config
 
 __all__ = ["SR_MODES", "Stage", "StageSettings", "check_chain", "check_ema_decay", "load_stages", "num_experts",
@@ -175,7 +175,6 @@ def run_cascade(stages: Sequence[Stage], spec: GenerationSpec, *, progress: bool
     outputs: list[np.ndarray] = []
     for k, (stage, given) in enumerate(zip(stages, spec.stage_settings)):
         s = resolved_settings(stage, given, k, spec.seed)
-        guidance = per_expert_guidance(s.guidance, _loaded_experts(stage), f"Stage {k} ({stage.workdir}) guidance")
         if k:
             height, width = height * stage.factor, width * stage.factor
         common = dict(steps=s.steps, sampler=s.sampler, sigma_data=float(stage.config.edm.sigma_data),
@@ -198,13 +197,8 @@ def run_cascade(stages: Sequence[Stage], spec: GenerationSpec, *, progress: bool
         else:
             sampler = Sampler(stage.exp.model, stage.exp.encoders, image_size=(height, width),
                               lowres_factor=stage.factor, mesh=stage.exp.mesh, **common)
-        logs.info(f"Stage {k}: {stage.describe()} -> {height}x{width}, {s.steps} steps, guidance {guidance}"
+        logs.info(f"Stage {k}: {stage.describe()} -> {height}x{width}, {s.steps} steps, guidance {s.guidance}"
                   + (f", aug level {s.aug_level}" if k else "") + (", painted" if paint else ""))
-        outputs.append(sampler(stage.params, prompts, guidance=guidance, seed=s.seed, use_t5=spec.use_t5,
+        outputs.append(sampler(stage.params, prompts, guidance=s.guidance, seed=s.seed, use_t5=spec.use_t5,
                                use_clip=spec.use_clip, extra_cond=extra, **lowres))
     return outputs
-
-
-def _loaded_experts(stage: Stage) -> int:
-    boundaries = stage.exp.boundaries
-    return 1 if boundaries is None else len(np.asarray(boundaries)) + 1

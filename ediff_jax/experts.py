@@ -31,6 +31,11 @@ def expert_index(sigma: jax.Array, boundaries: jax.Array) -> jax.Array:
     return jnp.searchsorted(jnp.asarray(boundaries), sigma, side="right").astype(jnp.int32)
 
 
+def ensemble_size(boundaries: Any) -> int:
+    """Experts a denoiser with these sigma boundaries switches between (None: a single model, 1)."""
+    return 1 if boundaries is None else len(np.asarray(boundaries)) + 1
+
+
 def guidance_by_expert(guidance: Any, boundaries: Any) -> Any:
     """Classifier-free guidance for `edm.guided_denoiser`: a scalar as it is; a vector [E] (one scale per
     expert, highest noise first, as Wan 2.2 gives each expert its own) as sigma -> that expert's scale."""

@@ -21,7 +21,6 @@ from ediff_jax import paint_with_words as pww
 from ediff_jax.cascade import (CanvasSpec, check_ema_decay, load_stages, num_experts, read_stages, resolve_paint,
                                resolve_regions, resolved_settings, run_cascade)
 from ediff_jax.images import ensure_writable_dir
-from ediff_jax.multidiffusion.denoiser import check_chunk_size
 from ediff_jax.multidiffusion.sampler import default_stride
 from ediff_jax.multidiffusion.views import Tiling
 from ediff_jax.paths import as_path
@@ -54,7 +53,6 @@ def generate(spec: GenerationSpec, *, out: str | Path | None = None, progress: b
     height, width = canvas.height or size, canvas.width or size
     if canvas.places_canvas:  # the crops' geometry, at the base stage
         Tiling(height, width, size, default_stride(size) if canvas.stride is None else canvas.stride, canvas.circular)
-    check_chunk_size(canvas.chunk_size)
     regions = resolve_regions(spec, height, width)  # at canvas size, read and checked before loading
     cascade = bool(spec.sr_stages)
     out = ensure_writable_dir(out or as_path(spec.workdir) / ("cascade" if cascade else "samples"))

@@ -78,7 +78,7 @@ class Sampler:
         if self.is_sr and self.lowres_factor < 2:
             raise ValueError("An SR stage needs lowres_factor >= 2 (image size / low-res size).")
         self.sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max)
-        self.num_experts = 1 if boundaries is None else len(np.asarray(boundaries)) + 1
+        self.num_experts = experts.ensemble_size(boundaries)
         sample_fn = edm.SAMPLERS[sampler]
 
         def run(params: Any, enc_params: Any, tokens: Any, extra_cond: Any, rng: jax.Array, guidance: jax.Array,

@@ -122,8 +122,6 @@ def tiled_denoiser(
         if strategy == "shifted":
             raise ValueError("Per-crop weights need fixed views; the shifted strategy moves its windows every step.")
         check_canvas_weights(weights, tiling)
-    if strategy == "shifted" and rng is None:
-        raise ValueError("The shifted canvas strategy draws its window offsets from an rng; pass rng.")
 
     def denoise(x: Array, sigma: Array) -> Array:
         chex.assert_shape(x, (None, tiling.height, tiling.width, None))

@@ -126,7 +126,7 @@ class MultiDiffusionSampler:
         tiling = self.tiling
         self.evaluations_per_call = evaluations_per_call(tiling, strategy)  # crops per denoiser call, per prompt
         self.sigmas = sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max)
-        self.num_experts = 1 if boundaries is None else len(np.asarray(boundaries)) + 1
+        self.num_experts = experts.ensemble_size(boundaries)
         self.bootstrap_above = bootstrap_sigma(np.asarray(sigmas), bootstrap_fraction)
         sample_fn = edm.SAMPLERS[sampler]
 
