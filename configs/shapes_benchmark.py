@@ -20,11 +20,19 @@ table (issue #15, BENCHMARKS.md): `xattn32=true` (cross-attention at 32x32 too),
 `coord=false` (no pixel coordinates as input), `channels=C` (UNet width), `p_mean=P` and
 `p_std=S` (the training distribution of log sigma), `relations=K` (each relation caption K times per
 epoch: `data.relation_repeats`).
+
+Experts (issue #20): `experts=E` trains eDiff-I's layout of E experts (shared -> 2 -> 3), phases of
+equal length; with `branch_from=WORKDIR@STEP` the run starts from that workdir's single model at
+STEP (its shared phase) and branches there (`config.experts.init_from`), so layouts share one shared
+phase. Use `minutes=0,steps=N` for equal training samples: the phases are counted in steps.
+`boundary_sigma=S` (or `boundary_snr=R`, sigma = sigma_data / sqrt(R), Wan 2.2's way) puts the boundary of
+experts=2 there instead of at the median of p(sigma).
 """
 
 from pathlib import Path
 
-from ediff_jax.config_utils import base_config, load_config, parse_arg
+from ediff_jax.config_utils import (base_config, expert_schedule, layout_split_at_sigmas, load_config, parse_arg,
+                                    parse_init_from)
 
 
 def get_config(arg: str | None = None):
@@ -32,7 +40,8 @@ def get_config(arg: str | None = None):
     # so the noise levels where the layout is decided (sigma ~ 5-40 at 32x32) are trained at all.
     # Reproduce the pre-#15 reference with coord=false,p_mean=-1.2,p_std=1.2,relations=1,steps=6800.
     args = parse_arg(arg, steps=16000, batch=16, minutes=60.0, xattn32=False, coord=True, channels=32,
-                      p_mean=0.0, p_std=1.6, relations=3)
+                      p_mean=0.0, p_std=1.6, relations=3, experts=1, branch_from="",
+                      boundary_sigma=0.0, boundary_snr=0.0)
     c = load_config(f"{Path(__file__).with_name('quickstart.py')}:steps={args.steps},batch={args.batch}")
     c.data.text_cache = True
     c.data.relation_repeats = args.relations
@@ -53,6 +62,21 @@ def get_config(arg: str | None = None):
     c.train.ckpt_every = max(args.steps // 4, 1)  # four checkpoints: the learning curve
     c.train.keep_ckpts = 4
     c.sample.guidance = 2.0
+    if args.branch_from and args.experts == 1:
+        raise ValueError("branch_from= branches a shared model into experts; give experts=2 or 3 with it.")
+    shared = parse_init_from(args.branch_from)[1] if args.branch_from else None
+    if args.branch_from and shared is None:
+        raise ValueError(f"branch_from={args.branch_from!r}: name the shared phase's last step, WORKDIR@STEP; "
+                         "the phases are counted from it.")
+    c.experts.phases, c.experts.phase_steps = expert_schedule(args.experts, args.steps, shared)
+    if args.boundary_sigma or args.boundary_snr:  # one boundary where it is asked for, not at the median
+        if args.experts != 2 or (args.boundary_sigma and args.boundary_snr):
+            raise ValueError("boundary_sigma= or boundary_snr= (one of them) places the one boundary of experts=2.")
+        sigma = args.boundary_sigma or c.edm.sigma_data / args.boundary_snr ** 0.5
+        c.experts.phases = layout_split_at_sigmas([sigma], c.edm.p_mean, c.edm.p_std)
+    c.experts.init_from = args.branch_from
+    if args.experts > 1:  # post-hoc EMA snapshots cannot cross a branch (config_utils refuses them)
+        c.train.posthoc_ema.gammas, c.train.posthoc_ema.every = (), 0
     # the default grid (every caption template) plus a second relation
     c.sample.prompts = base_config().sample.prompts + ("a blue triangle above a red square",)
     return c

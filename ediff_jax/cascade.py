@@ -188,10 +188,17 @@ def run_cascade(stages: Sequence[Stage], spec: GenerationSpec, *, progress: bool
                                       spec.paint.weight, only_present=bool(regions))
         if (on_canvas and k == 0) or (k and spec.sr_mode == "tiles"):
             stride = canvas.stride * (stage.factor if k else 1) if canvas.stride else None
+            coherence = {}
+            if k == 0 and canvas.coherence:  # SyncDiffusion's guidance acts on the base canvas, where layout forms
+                from ediff_jax.eval.features import load_differentiable_feature_fn
+
+                coherence = dict(coherence=canvas.coherence, coherence_steps=canvas.coherence_steps,
+                                 feature_fn=load_differentiable_feature_fn())
             sampler = MultiDiffusionSampler(stage.exp.model, stage.exp.encoders, image_size=stage.tile_size,
                                             height=height, width=width, circular=canvas.circular,
                                             chunk_size=canvas.chunk_size, stride=stride, lowres_factor=stage.factor,
-                                            bootstrap_fraction=bootstrap, strategy=canvas.strategy, **common)
+                                            bootstrap_fraction=bootstrap, strategy=canvas.strategy, **coherence,
+                                            **common)
             if stage_regions:
                 lowres["regions"] = stage_regions
         else:

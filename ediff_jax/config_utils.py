@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
+
+from typing import Sequence
 
 import ml_collections
 
@@ -149,6 +152,11 @@ def base_config() -> ml_collections.ConfigDict:
     # memory) or "auto": unroll on CPU, where vmapped (grouped) convolutions are slow
     # (BENCHMARKS.md, "Expert ensemble"), else vmap.
     c.experts.train_map = "auto"
+    # Start an empty workdir from a single model another run trained, "WORKDIR" (its newest
+    # checkpoint) or "WORKDIR@STEP": eDiff-I's branching of a trained shared model. The phases
+    # must then begin with the shared phase [(0, 1)], whose phase_steps entry counts the steps
+    # the source trained; the run continues from there (`training/warm_start.py`).
+    c.experts.init_from = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes
@@ -261,6 +269,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"config.data.relation_repeats={repeats!r}: use a whole number >= 1 (1: every example once).")
     _check_posthoc_ema(config.train.posthoc_ema, config.experts.phases)
+    _check_init_from(config.experts)
 
 
 def _check_posthoc_ema(posthoc: ml_collections.ConfigDict, expert_phases: tuple = ()) -> None:
@@ -278,6 +287,33 @@ def _check_posthoc_ema(posthoc: ml_collections.ConfigDict, expert_phases: tuple 
     if int(posthoc.every) < 1:
         raise ValueError(f"config.train.posthoc_ema.every={posthoc.every}: with gammas set, give the snapshot "
                          "interval in steps (>= 1), e.g. every=500.")
+
+
+def parse_init_from(value: str) -> tuple[str, int | None]:
+    """`config.experts.init_from`: 'WORKDIR' or 'WORKDIR@STEP' -> (path, step; None: the newest checkpoint).
+
+    The path stays a string: it may be a gs:// workdir, which pathlib would mangle."""
+    text = str(value).strip()
+    path, sep, step = text.rpartition("@") if "@" in text else (text, "", "")
+    if not path or (sep and not step.strip().isdigit()):
+        raise ValueError(f"config.experts.init_from={value!r} must look like WORKDIR or WORKDIR@STEP, "
+                         "e.g. workdirs/shared@4000.")
+    return os.path.expanduser(path), int(step) if sep else None
+
+
+def _check_init_from(experts: ml_collections.ConfigDict) -> None:
+    """Config-only rules (no files read): the format, and that the phases start with the shared model."""
+    value = experts.get("init_from", "") or ""
+    if not isinstance(value, str):
+        raise ValueError(f"config.experts.init_from={value!r} must be a string, WORKDIR or WORKDIR@STEP.")
+    if not value:
+        return
+    parse_init_from(value)
+    phases = [[tuple(float(b) for b in iv) for iv in phase] for phase in experts.phases]
+    if phases and phases[0] != [(0.0, 1.0)]:
+        raise ValueError(f"config.experts.init_from starts from one shared model, so config.experts.phases must "
+                         f"begin with the shared phase [(0.0, 1.0)], not {phases[0]}; its phase_steps entry counts "
+                         "the steps the source workdir trained.")
 
 
 def _check_drop_rates(rates: ml_collections.ConfigDict) -> None:
@@ -321,19 +357,46 @@ EXPERT_LAYOUTS = {
 }
 
 
-def expert_schedule(num_experts: int, num_steps: int) -> tuple[tuple, tuple]:
+def expert_schedule(num_experts: int, num_steps: int, shared_steps: int | None = None) -> tuple[tuple, tuple]:
     """(phases, phase_steps) for `config.experts`, phases of equal length.
 
     The total number of training steps (and so of training samples) does not depend on the
-    number of experts, which makes ablations across layouts fair.
+    number of experts, which makes ablations across layouts fair. `shared_steps` fixes the
+    shared phase's length (a run branched from a trained shared model, `experts.init_from`,
+    counts the source's steps there); the later phases split the rest equally.
     """
     if num_experts not in EXPERT_LAYOUTS:
         raise ValueError(f"No expert layout for {num_experts} experts; choose one of {sorted(EXPERT_LAYOUTS)}.")
     phases = EXPERT_LAYOUTS[num_experts]
     if not phases:
         return (), ()
-    base, extra = divmod(num_steps, len(phases))
-    return phases, tuple(base + (1 if i < extra else 0) for i in range(len(phases)))
+    if shared_steps is None:
+        base, extra = divmod(num_steps, len(phases))
+        return phases, tuple(base + (1 if i < extra else 0) for i in range(len(phases)))
+    if not 0 < shared_steps < num_steps:
+        raise ValueError(f"The shared phase ({shared_steps} steps) must be shorter than the run ({num_steps} steps) "
+                         "and at least one step.")
+    base, extra = divmod(num_steps - shared_steps, len(phases) - 1)
+    return phases, (shared_steps, *(base + (1 if i < extra else 0) for i in range(len(phases) - 1)))
+
+
+def layout_split_at_sigmas(sigmas: Sequence[float], p_mean: float, p_std: float) -> tuple:
+    """Phases (shared model, then len(sigmas) + 1 experts) whose boundaries are these sigmas.
+
+    The default layouts split p(sigma) into intervals of equal mass; this places the boundaries
+    anywhere, e.g. at an SNR as Wan 2.2 does (sigma = sigma_data / sqrt(SNR)). Each expert still
+    trains on an equal share of every batch, so an unequal split also reweights the noise levels
+    that training sees (an interval of mass m gets 1/E of the samples, not m).
+    """
+    sigmas = [float(s) for s in sigmas]
+    if not sigmas or any(not (math.isfinite(s) and s > 0) for s in sigmas) or sorted(set(sigmas)) != sigmas:
+        raise ValueError(f"Expert boundaries {sigmas} must be positive, finite sigmas in ascending order.")
+    cdf = lambda s: 0.5 * (1.0 + math.erf((math.log(s) - p_mean) / (p_std * math.sqrt(2.0))))  # noqa: E731
+    edges = [0.0, *(cdf(s) for s in sigmas), 1.0]
+    if any(not 1e-6 < q < 1 - 1e-6 for q in edges[1:-1]):
+        raise ValueError(f"Expert boundaries {sigmas} leave an interval that p(sigma) (lognormal {p_mean:g}, "
+                         f"{p_std:g}) almost never samples; pick sigmas inside its range.")
+    return (((0.0, 1.0),), tuple(zip(edges[:-1], edges[1:])))
 
 
 def config_from_json(text: str, source: str = "config.json") -> ml_collections.ConfigDict:

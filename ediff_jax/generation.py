@@ -22,6 +22,7 @@ from ediff_jax.cascade import (CanvasSpec, check_ema_decay, load_stages, num_exp
                                resolve_regions, resolved_settings, run_cascade)
 from ediff_jax.images import ensure_writable_dir
 from ediff_jax.multidiffusion.sampler import default_stride
+from ediff_jax.multidiffusion.coherence import coherence_sigma
 from ediff_jax.multidiffusion.views import Tiling
 from ediff_jax.paths import as_path
 from ediff_jax.sampling import write_samples
@@ -46,6 +47,8 @@ def generate(spec: GenerationSpec, *, out: str | Path | None = None, progress: b
         try:
             edm.check_sampler(chosen.sampler, chosen.steps)
             per_expert_guidance(chosen.guidance, num_experts(stage.config), "guidance")
+            if k == 0 and spec.canvas and spec.canvas.coherence_steps is not None:
+                coherence_sigma(edm.karras_sigmas(chosen.steps), spec.canvas.coherence_steps)
         except ValueError as e:
             raise ValueError(f"{e}" if len(stages) == 1 else f"Stage {k} ({stage.workdir}): {e}") from None
     canvas = spec.canvas or CanvasSpec()

@@ -62,6 +62,11 @@ flags.DEFINE_integer("chunk_size", None, "MultiDiffusion crops per batched model
 flags.DEFINE_enum("canvas_strategy", "overlap", ["overlap", "gaussian", "shifted"], "MultiDiffusion: the crops "
                   "of each step: overlap (MultiDiffusion, --stride apart), gaussian (Mixture of Diffusers' tile "
                   "weights) or shifted (SpotDiffusion: non-overlapping windows, shifted at random each step).")
+flags.DEFINE_float("coherence", 0.0, "MultiDiffusion: weight of SyncDiffusion's coherence guidance (each crop's "
+                   "prediction pulled towards the first crop's in the shipped feature space; 0: off), on top of "
+                   "--canvas_strategy.")
+flags.DEFINE_integer("coherence_steps", None, "MultiDiffusion: the first steps that --coherence guides (default: "
+                     "half of --steps).")
 flags.DEFINE_float("bootstrap", 0.2, "MultiDiffusion: fraction of steps with region bootstrapping.")
 flags.DEFINE_multi_string("sr_workdir", None, "Cascade: an SR stage's workdir, after --workdir's base model; "
                           "repeat in order of resolution (256, then 1024).")
@@ -113,7 +118,8 @@ FLAG_NAMES = {
     "sr_stages.workdir": "--sr_workdir", "sr_mode": "--sr_mode", "canvas.height": "--height",
     "canvas.width": "--width", "canvas.stride": "--stride", "canvas.circular": "--circular",
     "canvas.chunk_size": "--chunk_size", "canvas.regions": "--region", "canvas.strategy": "--canvas_strategy",
-    "canvas.bootstrap_fraction": "--bootstrap",
+    "canvas.bootstrap_fraction": "--bootstrap", "canvas.coherence": "--coherence",
+    "canvas.coherence_steps": "--coherence_steps",
     "paint.phrases": "--paint", "paint.weight": "--pww_weight", "ema_decay": "--ema_decay",
     "ema_sigma_rel": "--ema_sigma_rel",
 }
@@ -146,7 +152,8 @@ def spec_from_flags() -> GenerationSpec:
                       for w, st, g, a, sd in per)
     canvas = CanvasSpec(height=FLAGS.height, width=FLAGS.width, stride=FLAGS.stride, circular=FLAGS.circular,
                         chunk_size=FLAGS.chunk_size, regions=tuple(parse_region(r) for r in FLAGS.region or []),
-                        bootstrap_fraction=_changed("bootstrap"), strategy=FLAGS.canvas_strategy)
+                        bootstrap_fraction=_changed("bootstrap"), strategy=FLAGS.canvas_strategy,
+                        coherence=FLAGS.coherence, coherence_steps=FLAGS.coherence_steps)
     paint = PaintSpec(parse_paint(FLAGS.paint), FLAGS.pww_weight) if FLAGS.paint or _changed("pww_weight") else None
     guidance = FLAGS.guidance or None
     spec = GenerationSpec(

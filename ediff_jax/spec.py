@@ -53,7 +53,9 @@ class CanvasSpec:
     Region masks are at canvas size (white = inside); `bootstrap_fraction` (default 0.2)
     acts on regions only. `strategy` picks the crops of each evaluation: `overlap`
     (MultiDiffusion), `gaussian` (Mixture of Diffusers' weights) or `shifted` (SpotDiffusion's
-    non-overlapping windows under a random offset per step).
+    non-overlapping windows under a random offset per step). `coherence` > 0 adds SyncDiffusion's
+    guidance of that weight on top of any strategy, for the first `coherence_steps` steps of the
+    base stage (default: half; `multidiffusion/coherence.py`).
     """
 
     height: int | None = None
@@ -64,6 +66,8 @@ class CanvasSpec:
     regions: tuple[tuple[str, MaskLike], ...] = ()
     bootstrap_fraction: float | None = None
     strategy: str = "overlap"
+    coherence: float = 0.0
+    coherence_steps: int | None = None
 
     @property
     def places_canvas(self) -> bool:
@@ -170,6 +174,20 @@ def check_canvas(canvas: CanvasSpec, names: Mapping[str, str], sr_tiles: bool) -
                     f"add {_name(names, 'canvas.height')}/{_name(names, 'canvas.width')} (a panorama), "
                     f"{_name(names, 'canvas.regions')}, {_name(names, 'canvas.circular')} or "
                     f"{_name(names, 'sr_mode')} tiles, or drop {_name(names, 'canvas.' + field)}.")
+    if not _finite(canvas.coherence) or canvas.coherence < 0:
+        raise ValueError(f"{_name(names, 'canvas.coherence')}={canvas.coherence!r}: the coherence guidance weight is a "
+                         "finite number >= 0 (0: off).")
+    if canvas.coherence_steps is not None:
+        if not canvas.coherence:
+            raise ValueError(f"{_name(names, 'canvas.coherence_steps')} counts the steps of coherence guidance: set "
+                             f"{_name(names, 'canvas.coherence')} > 0 or drop {_name(names, 'canvas.coherence_steps')}.")
+        if not _whole(canvas.coherence_steps):
+            raise ValueError(f"{_name(names, 'canvas.coherence_steps')}={canvas.coherence_steps!r} must be an integer "
+                             ">= 1.")
+    if canvas.coherence and not canvas.places_canvas:
+        raise ValueError(f"{_name(names, 'canvas.coherence')} pulls a panorama's crops together, and nothing here is a "
+                         f"canvas: add {_name(names, 'canvas.height')}/{_name(names, 'canvas.width')}, "
+                         f"{_name(names, 'canvas.regions')} or {_name(names, 'canvas.circular')}, or drop it.")
     for region in canvas.regions:
         if not (isinstance(region, (tuple, list)) and len(region) == 2 and str(region[0]).strip()):
             raise ValueError(f"{_name(names, 'canvas.regions')}: each region is (prompt, mask); got {region!r}.")

@@ -44,6 +44,7 @@ CONFIG = common.REPO / "configs" / "shapes_benchmark.py"
 DEFAULT_WORKDIR = common.REPO / "workdirs" / "shapes_benchmark"
 # ediff_jax.edm.SAMPLERS' names, written out so --help does not import JAX (a test keeps them equal).
 SAMPLER_NAMES = ("heun", "euler", "dpmpp_2m")
+SAMPLE_BATCH = 48  # images per sampler call; chunk k of a prompt set starts from seed + k
 GOALS = {"one_object_color_shape_strict_accuracy": 0.95, "two_object_relation_accuracy": 0.85}
 COLUMNS = ("step", "train_samples", "one_object_color_shape_strict_accuracy", "one_object_strict_ci95",
            "one_object_color_shape_accuracy", "one_object_ci95", "num_one_object",
@@ -178,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                    help="One-object prompts with a region word (one image each; a diagnostic, not a goal; 0: none).")
     p.add_argument("--curve_fraction", type=float, default=0.25,
                    help="Share of the prompts used for the checkpoints before the last (0: score the last only).")
-    p.add_argument("--guidance", type=float, default=None, help="Guidance scale (default: the workdir's config).")
+    p.add_argument("--guidance", type=float, nargs="+", default=None,
+                   help="Guidance scale, or one per expert, highest noise first (default: the workdir's config).")
     p.add_argument("--steps", type=int, default=None, help="Sampler steps (default: the workdir's config).")
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="Sampler (default: the workdir's config).")
     p.add_argument("--ema_decay", type=float, default=None,
@@ -186,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--ema_sigma_rel", type=float, default=None,
                    help="Score the post-hoc EMA of this width (EDM2), reconstructed from the run's snapshots "
                         "(config.train.posthoc_ema); excludes --ema_decay.")
-    p.add_argument("--batch", type=int, default=48, help="Images per sampler call (one compiled program).")
+    p.add_argument("--batch", type=int, default=SAMPLE_BATCH, help="Images per sampler call (one compiled program; "
+                   "chunk k starts from seed + k, so another batch draws other noise).")
     p.add_argument("--step", type=int, default=None,
                    help="Score this kept checkpoint alone, with all prompts (default: every kept one, the newest last).")
     p.add_argument("--config", default=None,
@@ -222,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     # the newest checkpoint: its config, encoders and sampler settings
     model = common.load_model(workdir, ema_decay=args.ema_decay, ema_sigma_rel=args.ema_sigma_rel)
     sampler = model.sampler(args.steps, args.sampler)
-    guidance = model.guidance if args.guidance is None else args.guidance
+    guidance = model.guidance if args.guidance is None else _guidance_arg(args.guidance, sampler.num_experts, p)
     checkpoints = steps if args.curve_fraction > 0 else steps[-1:]
 
     rows = []
@@ -249,14 +252,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
               f"two objects with a relation {row['two_object_relation_accuracy']:.3f} ({row['two_object_ci95']}), "
               f"{row['two_object_relation_strict_accuracy']:.3f} strict; in the named region "
               f"{row['region_accuracy']:.3f}", flush=True)
-    (out / "breakdown.md").write_text("\n".join([f"# Step {steps[-1]}, guidance {guidance:g}", "",
+    (out / "breakdown.md").write_text("\n".join([f"# Step {steps[-1]}, guidance {_show(guidance)}", "",
                                                  *breakdown(results)]) + "\n")
 
     final = rows[-1]
     notes = [
         f"Model: `{workdir}`, {model.config.train.batch_size} images per step. "
         f"Sampler: {args.steps or model.sampler_steps} "
-        f"{args.sampler or model.sampler_name} steps, guidance {guidance:g}, seed {args.seed}, "
+        f"{args.sampler or model.sampler_name} steps, guidance {_show(guidance)}, seed {args.seed}, "
         + (f"post-hoc EMA sigma_rel {args.ema_sigma_rel:g}." if args.ema_sigma_rel is not None else
            f"EMA decay {args.ema_decay or model.config.train.ema_decay:g}."),
         f"Goals: one-object colour and shape with no extra object >= "
@@ -277,6 +280,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     common.save_grid(np.concatenate([images_one[pick_one], images_two[:cols]]), out / "samples.png", cols=cols)
     print(f"Wrote results.md, results.csv, breakdown.md, curve.png and samples.png to {out} ({clock.summary()}).")
     return rows
+
+
+def _guidance_arg(values: Sequence[float], num_experts: int, parser: Any) -> float | tuple[float, ...]:
+    """One scale, or one per expert of the loaded ensemble (highest noise first), else a parser error."""
+    from ediff_jax.spec import per_expert_guidance
+
+    if len(values) == 1:
+        return float(values[0])
+    try:
+        return tuple(float(g) for g in per_expert_guidance(tuple(values), num_experts, "--guidance"))
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def _show(guidance: float | Sequence[float]) -> str:
+    return "/".join(f"{g:g}" for g in guidance) if isinstance(guidance, (tuple, list)) else f"{guidance:g}"
 
 
 def _trained_workdir(args: Any, out: Path) -> Path:

@@ -79,6 +79,10 @@ def test_guidance_smoke(smoke_workdir, tmp_path):
     for row in rows:
         assert_accuracy(row["all_ok_accuracy"])
         assert_distances(row)
+        for value, interval in (("two_object_relation_accuracy", "two_object_ci95"),
+                                ("one_object_color_shape_strict_accuracy", "one_object_strict_ci95")):
+            lo, hi = map(float, row[interval].split("-"))  # a Wilson interval holds its own estimate
+            assert lo - 1e-9 <= row[value] <= hi + 1e-9, (value, row[value], row[interval])
 
 
 @pytest.mark.slow
@@ -133,14 +137,19 @@ def test_stride_smoke(smoke_workdir, tmp_path):
 def test_canvas_smoke(smoke_workdir, tmp_path):
     """Canvas strategies: a row per canvas x strategy; crops per call follow the geometry (32x128 at stride 8:
     13 overlapping views, 5 shifted windows; circular 32x256: 32 and 8), evaluations = crops x prompt rows x
-    sampler evaluations (Euler, 2 steps), and every score is in range."""
-    rows = canvas.main(["--smoke", "--workdir", str(smoke_workdir), "--out", str(tmp_path)])
-    check_outputs(tmp_path, rows, "canvas", ["32x128"] * 3 + ["32x256 circular"] * 3 + ["32x128"] * 3,
+    sampler evaluations (Euler, 2 steps), plus the anchor crop on the one guided evaluation of the coherence
+    rows (half of 2 steps), each of whose crops also runs backwards; and every score is in range."""
+    rows = canvas.main(["--smoke", "--workdir", str(smoke_workdir), "--out", str(tmp_path), "--coherence", "1.0"])
+    check_outputs(tmp_path, rows, "canvas", ["32x128"] * 4 + ["32x256 circular"] * 4 + ["32x128"] * 4,
                   ["panoramas.png"])
-    assert [r["strategy"] for r in rows] == ["overlap", "gaussian", "shifted"] * 3
-    assert [r["crops_per_call"] for r in rows] == [13, 13, 5, 32, 32, 8, 13, 13, 5]
-    assert [r["evals_per_panorama"] for r in rows] == [c * (1 + r["regions"]) * 2
-                                                       for c, r in zip([13, 13, 5, 32, 32, 8, 13, 13, 5], rows)]
+    assert [r["strategy"] for r in rows] == ["overlap", "gaussian", "shifted", "overlap"] * 3
+    assert [r["coherence"] for r in rows] == [0.0, 0.0, 0.0, 1.0] * 3
+    crops = [13, 13, 5, 13, 32, 32, 8, 32, 13, 13, 5, 13]
+    assert [r["crops_per_call"] for r in rows] == crops
+    assert [r["evals_per_panorama"] for r in rows] == [(1 + r["regions"]) * (c * 2 + (r["coherence"] > 0))
+                                                       for c, r in zip(crops, rows)]
+    assert [r["grad_crops_per_panorama"] for r in rows] == [(1 + r["regions"]) * c * (r["coherence"] > 0)
+                                                            for c, r in zip(crops, rows)]
     for row in rows:
         assert row["seconds_per_panorama"] > 0 and row["seam_ratio"] > 0 and row["coherence_distance"] >= 0
         assert_accuracy(row["crop_color_shape_accuracy"])
@@ -167,6 +176,10 @@ def test_experts_smoke(smoke_workdir, shapes_data_dir, tmp_path):
     for row in rows:
         assert_accuracy(row["all_ok_accuracy"])
         assert_distances(row)
+        for value, interval in (("two_object_relation_accuracy", "two_object_ci95"),
+                                ("one_object_color_shape_strict_accuracy", "one_object_strict_ci95")):
+            lo, hi = map(float, row[interval].split("-"))  # a Wilson interval holds its own estimate
+            assert lo - 1e-9 <= row[value] <= hi + 1e-9, (value, row[value], row[interval])
         losses = [row[f"loss@{s:g}"] for s in (0.1, 1.0, 10.0)]
         assert all(np.isfinite(losses)) and min(losses) > 0
     assert (tmp_path / "workdirs" / "experts3").is_dir() and not (tmp_path / "workdirs" / "experts1").exists()
@@ -188,6 +201,15 @@ def test_experts_refuses_unequal_training_samples(tmp_path):
         experts.check_equal_samples({3: tmp_path / "e2"})
     with pytest.raises(ValueError, match="E=PATH"):
         experts.parse_workdirs(["workdirs/e1"])
+    # A run time-boxed at step 3 of its 6 has trained 3 x 24 samples, what its checkpoint says, not its config.
+    from ediff_jax.checkpoints import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "e1", async_save=False)
+    ckpt.save(3, {"w": np.zeros(2, np.float32)}, {"progress": {}}, force=True)
+    ckpt.close()
+    experts.check_equal_samples({1: tmp_path / "e1", 2: tmp_path / "e2"})
+    with pytest.raises(ValueError, match="1 experts: 3 steps x batch 24"):
+        experts.check_equal_samples({1: tmp_path / "e1"}, samples=6 * 24)
 
 
 def test_sample_batched_pads_chunks_and_offsets_seeds():
@@ -336,3 +358,14 @@ def test_shapes_benchmark_offers_every_sampler():
     with pytest.raises(ValueError, match="dpmpp_2m sampler needs at least 3 steps"):
         check_sampler("dpmpp_2m", 2)
     check_sampler("dpmpp_2m", None)  # the config's steps: checked where the config is read
+
+
+def test_guidance_sweep_reads_per_expert_scales():
+    """`--scales 4/2` is one scale per expert (highest noise first); anything else that is not a number is refused."""
+    import argparse
+
+    assert guidance.parse_scale("3") == 3.0 and guidance.parse_scale("4/2") == (4.0, 2.0)
+    assert guidance.label((4.0, 2.0)) == "4/2" and guidance.label(1.5) == "1.5"
+    for bad in ("x", "4/", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a guidance scale"):
+            guidance.parse_scale(bad)

@@ -190,6 +190,23 @@ def test_vmapped_update_equals_separate_expert_updates(exp2):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[k], b, rtol=1e-4, atol=1e-6), vmapped, separate)
 
 
+def test_boundaries_placed_at_given_sigmas():
+    """layout_split_at_sigmas puts the boundaries where asked: the inverse CDF of p(sigma) gives them back,
+    and Wan 2.2's SNR form sigma = sigma_data / sqrt(SNR) is one of them."""
+    from ediff_jax.config_utils import layout_split_at_sigmas
+
+    p_mean, p_std = 0.0, 1.6
+    shared, split = layout_split_at_sigmas([0.5 / 0.1 ** 0.5, 5.0], p_mean, p_std)
+    assert shared == ((0.0, 1.0),) and len(split) == 3
+    experts.parents_of(split, shared)  # every expert branches from the shared model
+    np.testing.assert_allclose(experts.boundaries_from_intervals(split, p_mean, p_std), [0.5 / 0.1 ** 0.5, 5.0],
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="ascending"):
+        layout_split_at_sigmas([5.0, 1.0], p_mean, p_std)
+    with pytest.raises(ValueError, match="almost never samples"):
+        layout_split_at_sigmas([1e9], p_mean, p_std)
+
+
 def test_interval_sigmas_and_equal_mass_boundaries():
     p_mean, p_std = -1.2, 1.2
     (b,) = experts.boundaries_from_intervals([(0.0, 0.5), (0.5, 1.0)], p_mean, p_std)
@@ -204,6 +221,10 @@ def test_interval_sigmas_and_equal_mass_boundaries():
 def test_schedule_and_phase_validation():
     phases, steps = expert_schedule(3, 10)
     assert [len(p) for p in phases] == [1, 2, 3] and sum(steps) == 10
+    # a branched run counts the source's steps in its shared phase; the later phases split the rest
+    assert expert_schedule(3, 10, shared_steps=4) == (phases, (4, 3, 3))
+    with pytest.raises(ValueError, match="shorter than the run"):
+        expert_schedule(2, 10, shared_steps=10)
     with pytest.raises(ValueError, match="not inside exactly one parent"):
         experts.parents_of([(0.0, 0.6), (0.6, 1.0)], [(0.0, 0.5), (0.5, 1.0)])
     with pytest.raises(ValueError, match="ascending and contiguous"):
@@ -266,3 +287,121 @@ def test_vmap_unroll_and_scan_expert_steps_agree(exp2):
         np.testing.assert_allclose(out["vmap"][1]["loss"], out[mode][1]["loss"], rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                      out["vmap"][0].params, out[mode][0].params)
+
+
+# ---------------------------------------------------------------------------------------
+# Branching a trained shared model (config.experts.init_from): eDiff-I's recipe, and what
+# lets the expert ablation share one shared phase between layouts.
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def warm_started(exp2, tmp_path_factory):
+    """A single model trained 2 steps (source), the same run uninterrupted to 4, its warm-started
+    continuation to 4, and a 2-expert run branched from the source at step 2."""
+    root = tmp_path_factory.mktemp("warm_start")
+    single = exp2.config.copy_and_resolve_references()
+    single.experts.phases, single.experts.phase_steps = (), ()
+    single.train.extra_ema_decays = (0.9,)
+    single.train.posthoc_ema.gammas, single.train.posthoc_ema.every = (6.94,), 1
+    single.sample.steps = 2
+    source = training.train_and_evaluate(single, root / "source", stop_after=2)
+    whole = training.train_and_evaluate(single, root / "whole")
+    cont = single.copy_and_resolve_references()
+    cont.experts.init_from = f"{root / 'source'}@2"
+    continued = training.train_and_evaluate(cont, root / "continued")
+    branched = exp2.config.copy_and_resolve_references()
+    branched.train.extra_ema_decays = (0.9,)
+    branched.sample.steps = 2
+    branched.experts.init_from = f"{root / 'source'}@2"
+    at_branch = training.train_and_evaluate(branched, root / "branched", stop_after=2)  # no step: the start state
+    listing = sorted(str(p.relative_to(root / "source")) for p in (root / "source").rglob("*"))
+    end = training.train_and_evaluate(branched, root / "branched")
+    return dict(root=root, single=single, branched=branched, source=source, whole=whole, continued=continued,
+                at_branch=at_branch, end=end, source_listing=listing)
+
+
+@pytest.mark.slow
+def test_warm_start_of_one_model_equals_the_uninterrupted_run(warm_started):
+    """Without phases, init_from continues the source exactly: every state field, the data stream
+    (step 3 reads example 3 x batch), the RNG and the EMA warm-ups, as a resume would."""
+    whole, continued = warm_started["whole"], warm_started["continued"]
+    assert int(continued.step) == int(whole.step) == 4
+    for field in ("params", "ema_params", "extra_emas", "power_emas", "opt_state"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                     getattr(whole, field), getattr(continued, field))
+
+
+@pytest.mark.slow
+def test_warm_start_branches_the_shared_model_into_experts(warm_started):
+    """The branched run starts as the source's model stacked as phase 0's one expert (params, EMAs and
+    Adam state), at the source's step; at the phase end it branches into 2 experts that then differ;
+    the source workdir is only read."""
+    source, start, end = warm_started["source"], warm_started["at_branch"], warm_started["end"]
+    assert int(start.step) == 2 and experts.num_experts(start.params) == 1
+    for field in ("params", "ema_params", "extra_emas", "opt_state"):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[0], b), getattr(start, field), getattr(source, field))
+    assert start.power_emas == ()  # post-hoc EMAs cannot cross a branch: the branched config tracks none
+    assert int(end.step) == 4 and experts.num_experts(end.params) == 2
+    low, high = experts.unstack_experts(end.params)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(high)))
+    root = warm_started["root"]
+    _, exp, ema = load_workdir(root / "branched")
+    assert experts.num_experts(ema) == 2 and exp.boundaries.shape == (1,)
+    history = sorted((root / "branched" / "config_history").glob("*.json"))
+    assert "_step2" in history[0].name  # the first run of the branched workdir started at the source's step
+    assert sorted(str(p.relative_to(root / "source")) for p in (root / "source").rglob("*")) == \
+        warm_started["source_listing"]
+
+
+@pytest.mark.slow
+def test_warm_start_refusals_name_the_problem(warm_started, tmp_path):
+    """Each bad init_from is refused before the new workdir gets a checkpoint, naming what to fix."""
+    from ediff_jax.checkpoints import kept_steps
+    from ediff_jax.config_utils import validate_config
+    from ediff_jax.resume_policy import ResumeChangeError
+
+    root, branched = warm_started["root"], warm_started["branched"]
+
+    def refused(error, match, **changes):
+        config = branched.copy_and_resolve_references()
+        for key, value in changes.items():
+            section, name = key.split("__")
+            config[section][name] = value
+        target = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        with pytest.raises(error, match=match):
+            training.train_and_evaluate(config, target)
+        assert kept_steps(target) == []
+
+    refused(ValueError, "must look like WORKDIR or WORKDIR@STEP", experts__init_from=f"{root / 'source'}@two")
+    refused(FileNotFoundError, "holds no checkpoint", experts__init_from=str(tmp_path / "nowhere"))
+    refused(FileNotFoundError, r"no checkpoint of step 3; its kept steps are \[2\]",
+            experts__init_from=f"{root / 'source'}@3")
+    refused(ValueError, "holds an expert ensemble", experts__init_from=f"{root / 'branched'}@4",
+            train__num_steps=6, experts__phase_steps=(4, 2))
+    refused(ValueError, "past the shared phase, which ends at step 1", experts__phase_steps=(1, 3))
+    refused(ResumeChangeError, r"(?s)init_from=.*edm\.p_mean", edm__p_mean=0.3)
+    refused(CheckpointMismatchError, "model.channels", model__channels=24)
+    config = branched.copy_and_resolve_references()
+    config.experts.phases = (((0.0, 0.5), (0.5, 1.0)),)
+    config.experts.phase_steps = (4,)
+    with pytest.raises(ValueError, match=r"must begin with the shared phase \[\(0.0, 1.0\)\]"):
+        validate_config(config)
+
+
+def test_reference_config_expert_variants():
+    """configs/shapes_benchmark.py:experts=E,branch_from=W@S gives the shared phase S steps and branches after
+    it; a boundary_snr lands at sigma_data / sqrt(SNR); the combinations that mean nothing are refused."""
+    from ediff_jax.config_utils import validate_config
+
+    path = REPO / "configs/shapes_benchmark.py"
+    c = load_config(f"{path}:experts=2,branch_from=/runs/shared@4000,steps=9897,minutes=0,boundary_snr=0.04")
+    validate_config(c)
+    assert c.experts.phase_steps == (4000, 5897) and c.experts.init_from == "/runs/shared@4000"
+    assert c.train.posthoc_ema.gammas == ()  # post-hoc snapshots cannot cross the branch
+    np.testing.assert_allclose(experts.boundaries_from_intervals(c.experts.phases[1], c.edm.p_mean, c.edm.p_std),
+                               [0.5 / 0.04 ** 0.5], rtol=1e-5)
+    for arg, message in (("branch_from=/runs/shared@4000", "give experts=2 or 3"),
+                         ("experts=2,branch_from=/runs/shared", "WORKDIR@STEP"),
+                         ("experts=3,boundary_sigma=5", "places the one boundary of experts=2")):
+        with pytest.raises(ValueError, match=message):
+            load_config(f"{path}:{arg}")

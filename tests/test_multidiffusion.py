@@ -548,3 +548,97 @@ def test_one_window_canvas_is_plain_denoising_under_every_strategy(unet):
     for strategy in STRATEGIES:
         canvas = multidiffusion_denoiser(unet, Tiling(WIN, WIN, WIN, 4), strategy=strategy, rng=jax.random.key(1))
         np.testing.assert_allclose(jax.jit(canvas)(x, 5.0), plain, rtol=1e-5, atol=1e-5)
+
+
+# --- Coherence guidance (SyncDiffusion) ---------------------------------------------------------
+
+
+def _mean_features(images):
+    """A linear 'feature network': one feature, the mean of the image (its gradient is 1 / pixels)."""
+    return jnp.mean(images, axis=(1, 2, 3))[:, None]
+
+
+def test_coherence_gradient_closed_form():
+    """D(x) = a x and f = the crop mean: each crop's prediction moves by -w sigma^2 a sign(f_i - f_anchor) / P
+    (P pixels per crop; EDM's classifier-guidance form), the anchor (first window) not at all; below
+    `active_above` the canvas is plain MultiDiffusion."""
+    from ediff_jax.multidiffusion import Coherence
+
+    a, w = 0.5, 3.0
+    tiling = Tiling(8, 16, 8, 8)  # two disjoint windows: the fusion is the crops themselves
+    x = np.concatenate([np.full((1, 8, 8, 3), 1.0), np.full((1, 8, 8, 3), 2.0)], axis=2).astype(np.float32)
+    guide = Coherence(_mean_features, w, active_above=1.0)
+    denoise = jax.jit(multidiffusion_denoiser(lambda xc, s: a * xc, tiling, coherence=guide))
+    out = np.asarray(denoise(x, 2.0))
+    p = 8 * 8 * 3
+    np.testing.assert_allclose(out[:, :, :8], a * 1.0, rtol=1e-6)  # the anchor: distance 0, no pull
+    from ediff_jax.multidiffusion.coherence import SMOOTHING
+
+    gap = a * 2.0 - a * 1.0  # feature distance to the anchor; d/dgap sqrt(gap^2 + s) = gap / sqrt(gap^2 + s)
+    pull = w * 2.0**2 * a / p * gap / math.sqrt(gap**2 + SMOOTHING)  # sigma = 2
+    np.testing.assert_allclose(out[:, :, 8:], a * 2.0 - pull, rtol=1e-6)  # pulled towards the anchor
+    np.testing.assert_allclose(np.asarray(denoise(x, 0.5)), a * x, rtol=1e-6)  # past the guided steps
+
+
+def test_coherence_costs_one_anchor_crop_while_guided():
+    """Counted inside the compiled program: N + 1 crops per guided evaluation (the anchor once more), N after."""
+    from ediff_jax.multidiffusion import Coherence, evaluations_per_call
+
+    calls = []
+
+    def toy(x, sigma):
+        jax.debug.callback(lambda crop: calls.append(crop.shape), x)
+        return x * 0.5
+
+    tiling = Tiling(8, 30, 8, 4)
+    n = evaluations_per_call(tiling, "overlap")
+    denoise = jax.jit(multidiffusion_denoiser(toy, tiling, coherence=Coherence(_mean_features, 1.0, 1.5)))
+    x = np.random.default_rng(0).normal(size=(2, 8, 30, 3)).astype(np.float32)
+    for sigma, expected in ((2.0, n + 1), (1.0, n)):
+        calls.clear()
+        jax.block_until_ready(denoise(x, sigma))
+        jax.effects_barrier()
+        assert len(calls) == expected
+
+
+def test_coherence_composes_with_regions_and_is_a_no_op_on_one_window(unet):
+    """A one-window canvas is its own anchor: guidance changes nothing, with or without regions; and the
+    region denoiser under guidance still gives hard masks' pixels to their prompts (toy denoiser whose
+    output is its prompt's index: its features equal the anchor's row for row)."""
+    from ediff_jax.multidiffusion import Coherence
+
+    x = np.random.default_rng(1).normal(size=(1, WIN, WIN, 3)).astype(np.float32) * 5.0
+    guide = Coherence(_mean_features, 10.0, 1.0)
+    plain = jax.jit(unet)(x, 5.0)
+    canvas = multidiffusion_denoiser(unet, Tiling(WIN, WIN, WIN, 4), coherence=guide)
+    np.testing.assert_allclose(jax.jit(canvas)(x, 5.0), plain, rtol=1e-5, atol=1e-5)
+    height, width = 8, 24
+    masks = np.stack([box_mask(height, width, 0, 0, 8, 10), box_mask(height, width, 0, 14, 8, 24)])
+    denoise = region_denoiser(prompt_id_denoiser(3), Tiling(height, width, 8, 4), masks, rng=jax.random.key(0),
+                              coherence=guide)
+    out = np.asarray(jax.jit(denoise)(np.zeros((2, height, width, 3), np.float32), 2.0))
+    np.testing.assert_allclose(out[:, :, :10], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(out[:, :, 14:], 2.0, rtol=1e-6)
+
+
+def test_coherence_bad_input_is_named():
+    from ediff_jax.multidiffusion import Coherence, coherence_sigma
+
+    with pytest.raises(ValueError, match="needs a feature network"):
+        Coherence(None, 1.0, 1.0)
+    with pytest.raises(ValueError, match="positive number"):
+        Coherence(_mean_features, -1.0, 1.0)
+    sigmas = edm.karras_sigmas(8)
+    assert coherence_sigma(sigmas, 3) == pytest.approx(float(sigmas[3]))
+    with pytest.raises(ValueError, match="from 1 to the sampler's 8 steps"):
+        coherence_sigma(sigmas, 9)
+
+
+def test_differentiable_features_match_the_uint8_features():
+    """The float path of the shipped feature network gives the uint8 path's features (same weights)."""
+    from ediff_jax.eval.features import load_differentiable_feature_fn, load_feature_fn
+
+    images = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    exact = np.asarray(load_feature_fn()(jnp.asarray(images)))
+    smooth = np.asarray(load_differentiable_feature_fn()(jnp.asarray(images, jnp.float32) / 127.5 - 1.0))
+    np.testing.assert_allclose(smooth, exact, rtol=1e-4, atol=1e-4)

@@ -24,6 +24,7 @@ VALUES = {
     "chunk_size": "--chunk_size=2", "bootstrap": "--bootstrap=0.5", "sr_workdir": "--sr_workdir=S",
     "sr_steps": "--sr_steps=3", "sr_guidance": "--sr_guidance=1.5", "aug_level": "--aug_level=0.2",
     "sr_seed": "--sr_seed=9", "sr_mode": "--sr_mode=tiles", "canvas_strategy": "--canvas_strategy=shifted",
+    "coherence": "--coherence=2", "coherence_steps": "--coherence_steps=4",
 }
 # Commands each flag is tried on: plain, painted, a panorama with a region, a cascade, a cascade of a panorama.
 CONTEXTS = {
@@ -118,6 +119,9 @@ def test_guidance_once_per_expert():
     (["--stride=8"], "--stride sets up MultiDiffusion crops"),
     (["--canvas_strategy=gaussian"], "--canvas_strategy sets up MultiDiffusion crops"),
     (["--width=64", "--canvas_strategy=shifted", "--stride=8"], "shifted strategy's windows do not overlap"),
+    (["--coherence=2"], "--coherence pulls a panorama's crops together, and nothing here is a canvas"),
+    (["--width=64", "--coherence_steps=4"], "--coherence_steps counts the steps of coherence guidance"),
+    (["--width=64", "--coherence=-1"], "--coherence=-1.0: the coherence guidance weight is a finite number >= 0"),
     (["--sr_steps=3"], "--sr_steps was given 1 times but there are 0 --sr_workdir stages"),
     (["--sr_mode=tiles"], "--sr_mode tiles sets how SR stages run, and there are none"),
     (["--aug_level=0.1"], "--aug_level was given 1 times"),
@@ -142,6 +146,7 @@ def test_the_sampler_is_checked_against_the_workdirs_steps_before_loading(tmp_pa
     """`--sampler dpmpp_2m` without --steps takes the config's steps (was: checked as 1 step and refused);
     a config whose steps are too few for it is refused before any checkpoint is read."""
     from ediff_jax.config_utils import base_config
+    from ediff_jax.spec import CanvasSpec
 
     config = base_config()
     (tmp_path / "config.json").write_text(config.to_json_best_effort())
@@ -154,6 +159,10 @@ def test_the_sampler_is_checked_against_the_workdirs_steps_before_loading(tmp_pa
     with pytest.raises(ValueError, match="guidance has 2 values but a single model samples this stage"):
         generation.sample_from_workdir(tmp_path, ["a red circle"], guidance=(3.0, 2.0), out=tmp_path / "g")
     assert not (tmp_path / "g").exists()  # refused before the output folder is made
+    with pytest.raises(ValueError, match="coherence steps=5 must be a whole number from 1 to the sampler's 2 steps"):
+        generation.sample_from_workdir(tmp_path, ["a red circle"], out=tmp_path / "c",
+                                       canvas=CanvasSpec(width=64, coherence=1.0, coherence_steps=5))
+    assert not (tmp_path / "c").exists()
 
 
 def test_the_specs_names_are_the_libraries():

@@ -84,11 +84,21 @@ class ShapesFeatureNet(nn.Module):
     """
 
     config: FeatureNetConfig
+    # True: images are float [B, H, W, 3] in [-1, 1], and the features are differentiable in them
+    # (guidance: `multidiffusion/coherence.py`); the same weights either way.
+    float_input: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         cfg = self.config
-        x = to_network_input(images, cfg.input_size)
+        if self.float_input:
+            chex.assert_rank(images, 4)
+            x = images.astype(jnp.float32)
+            if images.shape[1:3] != (cfg.input_size, cfg.input_size):
+                x = jax.image.resize(x, (x.shape[0], cfg.input_size, cfg.input_size, 3), method="linear",
+                                     antialias=True)
+        else:
+            x = to_network_input(images, cfg.input_size)
         for stage, width in enumerate(cfg.widths):
             for i in range(2):
                 x = nn.relu(nn.Conv(width, (3, 3), name=f"conv{stage}_{i}")(x))
@@ -146,3 +156,11 @@ def load_feature_fn(path: str | os.PathLike[str] | None = None) -> Callable[[jax
         return apply(params, images)
 
     return feature_fn
+
+
+def load_differentiable_feature_fn(path: str | os.PathLike[str] | None = None) -> Callable[[jax.Array], jax.Array]:
+    """``float [B, H, W, 3] in [-1, 1] -> float32 [B, D]``, differentiable: the same features as
+    `load_feature_fn` gives the uint8 image (up to its rounding), for guidance inside a sampler."""
+    module, params, _ = load_feature_weights(path)
+    net = ShapesFeatureNet(module.config, float_input=True)
+    return lambda images: net.apply({"params": params}, images)[0]

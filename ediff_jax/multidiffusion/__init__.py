@@ -10,6 +10,8 @@ per-pixel weighted average), so the sampler sees one canvas-sized D(x; sigma).
   regions.py   region prompts with masks, and bootstrapping (paper Sec. 4.2)
   strategies.py  which crops an evaluation runs and their weights: overlap (MultiDiffusion),
                gaussian (Mixture of Diffusers), shifted (SpotDiffusion)
+  coherence.py SyncDiffusion's guidance on top of any strategy: each crop's prediction pulled
+               towards an anchor crop's in a feature space, for the first steps
   sampler.py   text-to-image canvases with a trained model (`MultiDiffusionSampler`; workdirs go
                through `ediff_jax.generation.generate`); `canvas_denoiser` composes guidance, canvas-aligned conditioning (paint-with-words
                masks at canvas size, cut per crop) and region prompts
@@ -21,6 +23,7 @@ Typical use with any denoiser:
   x = edm.heun_sample(denoise, sigmas[0] * noise, sigmas)
 """
 
+from ediff_jax.multidiffusion.coherence import Coherence, coherence_sigma
 from ediff_jax.multidiffusion.denoiser import map_views, multidiffusion_denoiser, tiled_denoiser
 from ediff_jax.multidiffusion.fusion import fuse, fuse_batched
 from ediff_jax.multidiffusion.regions import (bootstrap_sigma, box_mask, check_masks, region_denoiser,
@@ -32,6 +35,8 @@ from ediff_jax.multidiffusion.strategies import (STRATEGIES, evaluations_per_cal
 from ediff_jax.multidiffusion.views import Tiling, crop, crop_views, get_views, wrap_canvas
 
 __all__ = [
+    "Coherence",
+    "coherence_sigma",
     "Tiling",
     "get_views",
     "crop",

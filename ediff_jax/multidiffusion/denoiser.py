@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ediff_jax.multidiffusion.coherence import Coherence, with_coherence
 from ediff_jax.multidiffusion.fusion import concrete_or_none, fuse_batched
 from ediff_jax.multidiffusion.strategies import check_strategy, views_and_weights
 from ediff_jax.multidiffusion.views import Tiling, crop, view_indices, wrap_canvas
@@ -106,6 +107,7 @@ def tiled_denoiser(
     strategy: str = "overlap",
     rng: Array | None = None,
     offset_multiple: int = 1,
+    coherence: Coherence | None = None,
 ) -> DenoiseFn:
     """D(x; sigma) on the canvas from a view-aware crop denoiser `view_fn(x_crop, sigma, view)`.
 
@@ -114,7 +116,8 @@ def tiled_denoiser(
     `crop(wrap_canvas(lowres, tiling), view, tiling)`. `weights` [N, h, w, 1] (None: 1)
     are the per-crop least-squares weights. `strategy` picks the crops and their weights
     (`strategies.py`); `shifted` draws its offsets from `rng`, in multiples of
-    `offset_multiple` (an SR stage's factor, so its low-res crops stay aligned).
+    `offset_multiple` (an SR stage's factor, so its low-res crops stay aligned). `coherence`
+    adds SyncDiffusion's guidance towards the first window's prediction (`coherence.py`).
     """
     check_chunk_size(chunk_size)
     check_strategy(strategy)
@@ -128,7 +131,8 @@ def tiled_denoiser(
         views, tile_weights = views_and_weights(tiling, strategy, rng, sigma, offset_multiple)
         w = tile_weights if weights is None else (weights if tile_weights is None else weights * tile_weights)
         xw = wrap_canvas(x, tiling)
-        d = map_views(lambda v: view_fn(crop(xw, v, tiling), sigma, v), views, chunk_size)
+        fn = with_coherence(view_fn, coherence, lambda: view_fn(crop(xw, views[0], tiling), sigma, views[0]), sigma)
+        d = map_views(lambda v: fn(crop(xw, v, tiling), sigma, v), views, chunk_size)
         chex.assert_shape(d, (views.shape[0], x.shape[0], *tiling.window, x.shape[3]))
         return fuse_batched(d, views, tiling.height, tiling.width, w, circular=tiling.circular).astype(x.dtype)
 
@@ -143,6 +147,7 @@ def multidiffusion_denoiser(
     weights: Array | None = None,
     strategy: str = "overlap",
     rng: Array | None = None,
+    coherence: Coherence | None = None,
 ) -> DenoiseFn:
     """MultiDiffusion on a canvas: `denoise_fn(x, sigma)` on every crop, fused by least squares.
 
@@ -152,4 +157,4 @@ def multidiffusion_denoiser(
     unless `strategy` is shifted), in batched chunks of `chunk_size`.
     """
     return tiled_denoiser(lambda xc, sigma, view: denoise_fn(xc, sigma), tiling, chunk_size=chunk_size,
-                          weights=weights, strategy=strategy, rng=rng)
+                          weights=weights, strategy=strategy, rng=rng, coherence=coherence)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ediff_jax.multidiffusion.coherence import Coherence, with_coherence
 from ediff_jax.multidiffusion.denoiser import (
     DenoiseFn,
     ViewDenoiseFn,
@@ -119,6 +120,7 @@ def region_denoiser(
     bootstrap_above: float = math.inf,
     chunk_size: int | None = None,
     strategy: str = "overlap",
+    coherence: Coherence | None = None,
 ) -> DenoiseFn:
     """Canvas D(x; sigma) for a background prompt plus K masked region prompts.
 
@@ -130,7 +132,8 @@ def region_denoiser(
     run is reproducible.
     """
     return region_view_denoiser(lambda crops, sigma, view: denoise_fn(crops, sigma), tiling, masks, rng=rng,
-                                bootstrap_above=bootstrap_above, chunk_size=chunk_size, strategy=strategy)
+                                bootstrap_above=bootstrap_above, chunk_size=chunk_size, strategy=strategy,
+                                coherence=coherence)
 
 
 def region_view_denoiser(
@@ -142,11 +145,13 @@ def region_view_denoiser(
     bootstrap_above: float = math.inf,
     chunk_size: int | None = None,
     strategy: str = "overlap",
+    coherence: Coherence | None = None,
 ) -> DenoiseFn:
     """`region_denoiser` whose crop denoiser also gets the view's offset, `view_fn(crops, sigma, view)`,
     so it can cut the matching crop of canvas-aligned conditioning (paint-with-words masks), as
     `tiled_denoiser` does for a single prompt. `strategy` picks the crops and multiplies their tile
-    weights into the region weights (`strategies.py`); shifted offsets come from `rng` too."""
+    weights into the region weights (`strategies.py`); shifted offsets come from `rng` too. `coherence`
+    pulls each row (background or region prompt, per image) towards the first window's same row."""
     check_chunk_size(chunk_size)
     check_strategy(strategy)
     value = concrete_or_none(masks)
@@ -170,7 +175,7 @@ def region_view_denoiser(
         views, tile_weights = views_and_weights(tiling, strategy, jax.random.fold_in(rng, 7), sigma)
         item_views = jnp.repeat(views, k + 1, axis=0)  # item (view i, prompt j) at i * (K + 1) + j
 
-        def per_view(args: tuple[Array, Array]) -> tuple[Array, Array]:
+        def per_view(args: tuple[Array, Array], view_fn: ViewDenoiseFn = view_fn) -> tuple[Array, Array]:
             view, index = args
             xc = crop(xw, view, tiling)  # [B, h, w, C]
             wc = crop(weights_w, view, tiling)  # [K + 1, h, w, 1]
@@ -186,7 +191,9 @@ def region_view_denoiser(
             chex.assert_shape(d, ((k + 1) * b, h, w, c))
             return d.reshape(k + 1, b, h, w, c), wc
 
-        d, wc = map_views(per_view, (views, jnp.arange(n)), chunk_size)  # [N, K+1, B, ...], [N, K+1, h, w, 1]
+        anchor = lambda: per_view((views[0], jnp.int32(0)))[0].reshape((k + 1) * b, h, w, c)  # noqa: E731
+        fn = with_coherence(view_fn, coherence, anchor, sigma)
+        d, wc = map_views(lambda args: per_view(args, fn), (views, jnp.arange(n)), chunk_size)  # [N, K+1, B, ...]
         if tile_weights is not None:  # Gaussian tiles: each crop's region weights fade towards its edges
             wc = wc * tile_weights[:, None]
         out = fuse_batched(d.reshape(n * (k + 1), b, h, w, c), item_views, tiling.height, tiling.width,

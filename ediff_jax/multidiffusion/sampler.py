@@ -20,6 +20,7 @@ from PIL import Image
 from ediff_jax import edm, experts, sr
 from ediff_jax import paint_with_words as pww
 from ediff_jax.images import to_uint8
+from ediff_jax.multidiffusion.coherence import Coherence, FeatureFn, coherence_sigma
 from ediff_jax.multidiffusion.denoiser import check_chunk_size, tiled_denoiser
 from ediff_jax.multidiffusion.regions import bootstrap_sigma, check_masks, region_view_denoiser
 from ediff_jax.multidiffusion.strategies import check_strategy, evaluations_per_call
@@ -36,7 +37,7 @@ CANVAS_COND_KEYS = ("pww_mask",)
 
 def canvas_denoiser(model_fn: Any, cond: dict, tiling: Tiling, *, guidance: Any, region_masks: Any = None,
                     rng: Any = None, bootstrap_above: float = float("inf"), chunk_size: int | None = None,
-                    strategy: str = "overlap") -> Any:
+                    strategy: str = "overlap", coherence: Coherence | None = None) -> Any:
     """D(x; sigma) on the canvas: classifier-free guidance of `model_fn(x, sigma, cond)` on every crop,
     fused by least squares, with region prompts when `region_masks` [K, H, W] are given.
 
@@ -45,7 +46,7 @@ def canvas_denoiser(model_fn: Any, cond: dict, tiling: Tiling, *, guidance: Any,
     canvas ([rows, H, W, ...]); each crop is conditioned on its own crop of them, so painting a
     region of the canvas conditions exactly the crops that overlap it. `rng` drives region
     bootstrapping (needed with regions) and the shifted strategy's offsets; `strategy` picks the
-    crops and their weights (`strategies.py`).
+    crops and their weights (`strategies.py`); `coherence` adds SyncDiffusion's guidance (`coherence.py`).
     """
     canvas = {k: wrap_canvas(cond[k], tiling) for k in CANVAS_COND_KEYS if k in cond}
 
@@ -55,8 +56,8 @@ def canvas_denoiser(model_fn: Any, cond: dict, tiling: Tiling, *, guidance: Any,
 
     if region_masks is not None and region_masks.shape[0]:
         return region_view_denoiser(view_fn, tiling, region_masks, rng=rng, bootstrap_above=bootstrap_above,
-                                    chunk_size=chunk_size, strategy=strategy)
-    return tiled_denoiser(view_fn, tiling, chunk_size=chunk_size, strategy=strategy, rng=rng)
+                                    chunk_size=chunk_size, strategy=strategy, coherence=coherence)
+    return tiled_denoiser(view_fn, tiling, chunk_size=chunk_size, strategy=strategy, rng=rng, coherence=coherence)
 
 
 def default_stride(window: int) -> int:
@@ -110,9 +111,15 @@ class MultiDiffusionSampler:
         boundaries: Any = None,
         lowres_factor: int = 1,
         strategy: str = "overlap",
+        coherence: float = 0.0,
+        coherence_steps: int | None = None,
+        feature_fn: FeatureFn | None = None,
     ):
         """`boundaries`: sigma boundaries of a stacked expert ensemble (`params` stacked), else None.
-        `strategy`: which crops each evaluation runs and how they are weighted (`strategies.STRATEGIES`)."""
+        `strategy`: which crops each evaluation runs and how they are weighted (`strategies.STRATEGIES`).
+        `coherence` > 0: SyncDiffusion's guidance of that weight on top of the strategy, for the first
+        `coherence_steps` steps (default: half of them), with `feature_fn` as the perceptual network
+        (`eval.features.load_differentiable_feature_fn()`; `coherence.py`)."""
         edm.check_sampler(sampler, steps)
         check_chunk_size(chunk_size)
         self.strategy = check_strategy(strategy)
@@ -128,6 +135,13 @@ class MultiDiffusionSampler:
         self.sigmas = sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max)
         self.num_experts = experts.ensemble_size(boundaries)
         self.bootstrap_above = bootstrap_sigma(np.asarray(sigmas), bootstrap_fraction)
+        self.coherence = None
+        if coherence:
+            self.coherence = Coherence(feature_fn, float(coherence), coherence_sigma(
+                np.asarray(sigmas), max(1, steps // 2) if coherence_steps is None else coherence_steps))
+        elif coherence_steps is not None:
+            raise ValueError("coherence_steps was given without a coherence weight; set coherence > 0 or drop it.")
+        guide = self.coherence
         sample_fn = edm.SAMPLERS[sampler]
 
         def run(params: Any, enc_params: Any, tokens: Any, region_tokens: Any, masks: jax.Array, rng: jax.Array,
@@ -152,13 +166,13 @@ class MultiDiffusionSampler:
                     return edm.guided_denoiser(model_fn, c, unconditional(c), scales)(xc, sigma)
 
                 denoise = tiled_denoiser(view_fn, tiling, chunk_size=chunk_size, strategy=strategy,
-                                         rng=jax.random.fold_in(rng, 3), offset_multiple=f)
+                                         rng=jax.random.fold_in(rng, 3), offset_multiple=f, coherence=guide)
                 x = sr.initial_state(rng, (batch, tiling.height, tiling.width, 3), sigmas[0], noisy_low,
                                      bool(getattr(model, "lowres_residual", False)))
                 return sample_fn(denoise, x, sigmas, progress=progress)
             denoise = canvas_denoiser(model_fn, {**cond, **extra_cond}, tiling, guidance=scales, region_masks=masks,
                                       rng=jax.random.fold_in(rng, 1), bootstrap_above=self.bootstrap_above,
-                                      chunk_size=chunk_size, strategy=strategy)
+                                      chunk_size=chunk_size, strategy=strategy, coherence=guide)
             # Same initial noise as `Sampler` for the same seed: one view reproduces it exactly.
             x = jax.random.normal(rng, (batch, tiling.height, tiling.width, 3)) * sigmas[0]
             return sample_fn(denoise, x, sigmas, progress=progress)

@@ -1,9 +1,11 @@
-"""Training, in three files with one job each:
+"""Training, in four files with one job each:
 
 - `experiment.py`: what a config builds (model, encoders, mesh, optimizer, expert phases), the
   train state created sharded, expert branching, and the checks and restore that training and
   sampling share (`restore_checkpoint`).
 - `step.py`: the jit-compiled EDM step (loss, AdamW, EMA), for one model or all experts at once.
+- `warm_start.py`: a new run started from another workdir's single model (`config.experts.init_from`):
+  eDiff-I's experts branched from a trained shared model.
 - `loop.py`: `train_and_evaluate`, the loop around the step (resume, time box, preemption,
   logs, checkpoints, sample grids).
 

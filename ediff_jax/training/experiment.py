@@ -234,10 +234,10 @@ def build_experiment(config: ml_collections.ConfigDict, devices: list | None = N
     return Experiment(config, model, encoders, mesh, tx, schedule, phases, phase_ends)
 
 
-def _state_initializer(exp: Experiment, phase: int) -> tuple[Callable[[jax.Array], TrainState], jax.Array]:
+def _state_initializer(exp: Experiment, e: int | None) -> tuple[Callable[[jax.Array], TrainState], jax.Array]:
+    """The train state's init function for `e` stacked experts (None: one unstacked model)."""
     cond = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), exp.example_cond(1))
     x = jnp.zeros((1, *exp.train_shape), jnp.float32)
-    e = exp.num_experts(phase)
 
     def init(rng: jax.Array) -> TrainState:
         params = exp.model.init(jax.random.fold_in(rng, 0), x, jnp.zeros((1,)), cond)["params"]
@@ -267,16 +267,21 @@ def _shardings_for(exp: Experiment, abstract: TrainState, stacked: bool) -> Any:
     )
 
 
-def state_shardings(exp: Experiment, phase: int = 0) -> tuple[TrainState, Any]:
-    """The abstract train state of `phase` (shapes only, nothing allocated) and its shardings."""
-    init, rng = _state_initializer(exp, phase)
+def state_shardings(exp: Experiment, phase: int = 0, *, single: bool = False) -> tuple[TrainState, Any]:
+    """The abstract train state of `phase` (shapes only, nothing allocated) and its shardings.
+
+    `single`: the state of one unstacked model instead, whatever the phases (what a shared
+    model's workdir holds when a run branches from it: `warm_start`).
+    """
+    e = None if single else exp.num_experts(phase)
+    init, rng = _state_initializer(exp, e)
     abstract = jax.eval_shape(init, rng)
-    return abstract, _shardings_for(exp, abstract, exp.num_experts(phase) is not None)
+    return abstract, _shardings_for(exp, abstract, e is not None)
 
 
 def init_train_state(exp: Experiment) -> tuple[TrainState, Any]:
     """Creates the train state already sharded (jit of init with out_shardings)."""
-    init, rng = _state_initializer(exp, 0)
+    init, rng = _state_initializer(exp, exp.num_experts(0))
     _, shardings = state_shardings(exp, 0)
     return jax.jit(init, out_shardings=shardings)(rng), shardings
 

@@ -36,6 +36,7 @@ from ediff_jax.training.experiment import (
     saved_config,
 )
 from ediff_jax.training.step import compile_train_step, sigma_bucket_names
+from ediff_jax.training.warm_start import warm_start
 from ediff_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 
 
@@ -48,6 +49,8 @@ def restore_or_init(exp: Experiment, ckpt: Checkpointer) -> tuple[TrainState, An
     an unreadable latest checkpoint is set aside and the previous one used, with a warning.
     """
     if ckpt.latest_step() is None:
+        if exp.config.experts.init_from:  # a branched run's first start: from the shared model's workdir
+            return warm_start(exp, ckpt.directory.parent)
         return (*init_train_state(exp), 0, {})
     found: dict[str, Any] = {}
 

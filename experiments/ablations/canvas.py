@@ -1,5 +1,6 @@
 """Canvas strategies and samplers side by side: MultiDiffusion (`overlap`), Mixture of Diffusers
-(`gaussian`) and SpotDiffusion (`shifted`), each with Heun, Euler and DPM-Solver++(2M).
+(`gaussian`) and SpotDiffusion (`shifted`), each with Heun, Euler and DPM-Solver++(2M), and
+SyncDiffusion's coherence guidance on top of `overlap` (`--coherence W ...`, first sampler only).
 
 Every setting samples the same prompts from the same noise on each canvas: a window x 4 windows
 panorama (32x128 for a 32x32 model; overlap at stride window/4, the issue's 13 views), a circular
@@ -28,7 +29,8 @@ from experiments.ablations import common
 from experiments.ablations.stride import crops, evaluations_per_run, seam_ratio, timed_sampling
 
 DEFAULT_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
-COLUMNS = ("canvas", "regions", "strategy", "sampler", "steps", "crops_per_call", "evals_per_panorama",
+COLUMNS = ("canvas", "regions", "strategy", "coherence", "sampler", "steps", "crops_per_call", "evals_per_panorama",
+           "grad_crops_per_panorama",
            "seconds_per_panorama", "seam_ratio", "coherence_distance", "crop_color_shape_accuracy",
            "frechet_distance")
 
@@ -45,6 +47,21 @@ def coherence_distance(features: Any, per_canvas: int) -> float:
     return float(d.sum(axis=(1, 2)).mean() / max(k * (k - 1), 1))
 
 
+def guided_evaluations(sigmas: Any, sampler_name: str, coherence: Any) -> int:
+    """Denoiser evaluations of one sampling run at which coherence guidance acts (sigma > its threshold).
+
+    Heun evaluates at every sigma_k and corrects at sigma_{k+1} (not on the step to 0); Euler and
+    DPM-Solver++(2M) evaluate once per step, at sigma_k.
+    """
+    import numpy as np
+
+    if coherence is None:
+        return 0
+    s = np.asarray(sigmas, np.float64)
+    at = list(s[:-1]) + (list(s[1:-1]) if sampler_name == "heun" else [])
+    return int(sum(v > coherence.active_above for v in at))
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p = common.base_parser(__doc__)
     p.add_argument("--workdir", default=None,
@@ -55,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="One-object ediff_shapes prompts.")
     p.add_argument("--num_real", type=int, default=1000, help="Real validation images for Fréchet distance.")
     p.add_argument("--guidance", type=float, default=None, help="Guidance scale (default: the workdir's config).")
+    p.add_argument("--coherence", type=float, nargs="*", default=[],
+                   help="SyncDiffusion coherence-guidance weights to add as rows (overlap, first sampler).")
+    p.add_argument("--coherence_steps", type=int, default=None,
+                   help="Steps that coherence guidance acts on (default: half of them).")
     args = p.parse_args(argv)
     common.configure_smoke_runtime(args.smoke)
     common.smoke_overrides(args, prompts=list(DEFAULT_PROMPTS[:2]), num_real=16, steps=common.SMOKE_SAMPLER_STEPS,
@@ -64,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     import numpy as np
 
+    from ediff_jax.eval.features import load_differentiable_feature_fn
     from ediff_jax.images import ensure_writable_dir
     from ediff_jax.multidiffusion import MultiDiffusionSampler, box_mask
 
@@ -77,27 +99,37 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     region = [("a red circle", box_mask(window, 4 * window, 0, 0, window, window))]
     canvases = [("panorama", 4 * window, False, ()), ("circular", 8 * window, True, ()),
                 ("panorama", 4 * window, False, tuple(region))]
+    feature_fn = load_differentiable_feature_fn(args.feature_weights) if args.coherence else None
+    settings = [(s, 0.0) for s in args.strategies] + [("overlap", float(w)) for w in args.coherence]
     rows, grids = [], []
     for name, width, circular, regions in canvases:
-        for strategy in args.strategies:
+        for strategy, weight in settings:
             for sampler_name in args.samplers:
-                if regions and sampler_name != args.samplers[0]:
-                    continue  # regions: one sampler is enough to see the strategy's effect
+                if (regions or weight) and sampler_name != args.samplers[0]:
+                    continue  # regions and coherence: one sampler is enough to see the effect
+                guided = dict(coherence=weight, coherence_steps=args.coherence_steps, feature_fn=feature_fn) \
+                    if weight else {}
                 sampler = MultiDiffusionSampler(
                     model.exp.model, model.exp.encoders, image_size=window, height=window, width=width,
                     stride=None if strategy == "shifted" else max(window // 4, 1), circular=circular, steps=steps,
-                    sampler=sampler_name, sigma_data=model.sigma_data, boundaries=model.boundaries, strategy=strategy)
+                    sampler=sampler_name, sigma_data=model.sigma_data, boundaries=model.boundaries, strategy=strategy,
+                    **guided)
                 images, per_image, _ = timed_sampling(
                     lambda chunk, seed: sampler(model.params, chunk, guidance=guidance, seed=seed, regions=regions),
                     args.prompts, args.seed)
                 crop_images, per_canvas = crops(images, window)
                 crop_prompts = [prompt for _ in range(per_canvas) for prompt in args.prompts]
                 calls = sampler.evaluations_per_call
+                rows_per_prompt = len(regions) + 1
+                guided_evals = guided_evaluations(sampler.sigmas, sampler_name, sampler.coherence)
                 row = {
                     "canvas": f"{window}x{width}" + (" circular" if circular else ""),
-                    "regions": len(regions), "strategy": strategy, "sampler": sampler_name, "steps": steps,
-                    "crops_per_call": calls,
-                    "evals_per_panorama": calls * (len(regions) + 1) * evaluations_per_run(sampler_name, steps),
+                    "regions": len(regions), "strategy": strategy, "coherence": weight, "sampler": sampler_name,
+                    "steps": steps, "crops_per_call": calls,
+                    # the anchor crop once more per guided evaluation; a backward pass per crop then
+                    "evals_per_panorama": rows_per_prompt * (calls * evaluations_per_run(sampler_name, steps)
+                                                             + guided_evals),
+                    "grad_crops_per_panorama": rows_per_prompt * calls * guided_evals,
                     "seconds_per_panorama": per_image, "seam_ratio": seam_ratio(images, window),
                     "coherence_distance": coherence_distance(evaluator.features(crop_images), per_canvas),
                     "crop_color_shape_accuracy": float("nan"), "frechet_distance": float("nan"),
@@ -109,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 rows.append(row)
                 if sampler_name == args.samplers[0]:
                     grids.append(images[:, :, :4 * window])
-                print(f"{row['canvas']} regions={row['regions']} {strategy} {sampler_name}: {calls} crops/call, "
+                print(f"{row['canvas']} regions={row['regions']} {strategy} coherence={weight:g} {sampler_name}: "
+                      f"{calls} crops/call, "
                       f"{per_image:.2f} s/panorama, seam {row['seam_ratio']:.3f}, "
                       f"coherence {row['coherence_distance']:.3f}, accuracy {row['crop_color_shape_accuracy']:.3f}",
                       flush=True)
@@ -121,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"{max(window // 4, 1)}; shifted: non-overlapping windows under a random offset per step.",
         "evals_per_panorama: crops per call x prompts (background + regions) x sampler evaluations (Heun: 2 per "
         "step, 1 on the last). seconds_per_panorama: the second (compiled) call. seam_ratio: pixel steps at "
-        f"multiples of {window} columns over all columns (1 = seamless). coherence_distance: mean feature distance "
+        f"multiples of {window} columns over all columns (1 = seamless). coherence: SyncDiffusion's guidance weight "
+        f"(0: off), for the first {args.coherence_steps or 'half of the'} steps; grad_crops_per_panorama: crops "
+        "evaluated with a backward pass. coherence_distance: mean feature distance "
         "between crops of one panorama (lower = more coherent). Crop accuracy and Fréchet distance: "
         f"{window}x{window} crops every {max(window // 2, 1)} pixels (regions rows: not scored, the crops hold "
         f"two prompts); Fréchet distance to {args.num_real} validation images, biased up by few crops: compare rows.",

@@ -26,12 +26,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from experiments import shapes_benchmark as reference
 from experiments.ablations import common
 
 DEFAULT_LOSS_SIGMAS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 LOSS_COLUMNS_PREFIX = "loss@"
-COLUMNS = ("experts", "train_steps", "train_batch", "train_samples", "boundaries", *common.ALIGNMENT_COLUMNS,
-           *common.DISTANCE_COLUMNS, "mean_val_loss", "sample_seconds", "workdir")
+# The reference run's prompt sets and scorer (experiments/shapes_benchmark.py, same seeds): the alignment
+# table of issue #15, strict (nothing else drawn) and lenient.
+REFERENCE_COLUMNS = ("one_object_color_shape_strict_accuracy", "one_object_strict_ci95",
+                     "one_object_color_shape_accuracy", "two_object_relation_accuracy", "two_object_ci95",
+                     "two_object_relation_strict_accuracy", "two_object_strict_ci95")
+COLUMNS = ("experts", "train_steps", "train_batch", "train_samples", "boundaries", "guidance", *REFERENCE_COLUMNS,
+           *common.ALIGNMENT_COLUMNS, *common.DISTANCE_COLUMNS, "mean_val_loss", "sample_seconds", "workdir")
 
 
 def parse_workdirs(items: Sequence[str] | None) -> dict[int, Path]:
@@ -46,7 +52,12 @@ def parse_workdirs(items: Sequence[str] | None) -> dict[int, Path]:
 
 
 def check_equal_samples(workdirs: dict[int, Path], samples: int | None = None) -> None:
-    """The ablation compares layouts at equal training samples; refuse runs that differ (or differ from `samples`)."""
+    """The ablation compares layouts at equal training samples; refuse runs that differ (or differ from `samples`).
+
+    A run's samples are its newest checkpoint's step x batch: a time-boxed run stops before
+    config.train.num_steps, and a branched run (`experts.init_from`) counts its shared phase.
+    """
+    from ediff_jax.checkpoints import kept_steps
     from ediff_jax.workdirs import read_workdir_config
 
     trained = {}
@@ -55,7 +66,8 @@ def check_equal_samples(workdirs: dict[int, Path], samples: int | None = None) -
         layout = len(config.experts.phases[-1]) if config.experts.phases else 1
         if layout != num:
             raise ValueError(f"{workdir} holds a {layout}-expert run, but was given as --workdir {num}=...")
-        trained[num] = (int(config.train.num_steps), int(config.train.batch_size))
+        steps = kept_steps(workdir)
+        trained[num] = (steps[-1] if steps else int(config.train.num_steps), int(config.train.batch_size))
     totals = {s * b for s, b in trained.values()} | ({samples} if samples is not None else set())
     if len(totals) > 1:
         listing = ", ".join(f"{e} experts: {s} steps x batch {b}" for e, (s, b) in sorted(trained.items()))
@@ -99,6 +111,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--workdir_root", default=None,
                    help="Where trained runs go (default: workdirs/ablation_experts; OUT/workdirs with --smoke).")
     p.add_argument("--num_prompts", type=int, default=96, help="Validation captions sampled per variant.")
+    p.add_argument("--num_per_prompt", type=int, default=8,
+                   help="Images per one-object prompt of the reference table (18 prompts; shapes_benchmark.py's).")
+    p.add_argument("--num_relation", type=int, default=144,
+                   help="Two-object relation prompts of the reference table (one image each).")
+    p.add_argument("--reference_batch", type=int, default=reference.SAMPLE_BATCH,
+                   help="Images per sampler call for those prompts (shapes_benchmark.py's, so its noise).")
     p.add_argument("--num_real", type=int, default=1000, help="Real validation images for Fréchet distance / KID.")
     p.add_argument("--num_loss", type=int, default=256, help="Validation images for the per-sigma denoising loss.")
     p.add_argument("--loss_sigmas", type=float, nargs="+", default=list(DEFAULT_LOSS_SIGMAS))
@@ -107,12 +125,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = p.parse_args(argv)
     common.configure_smoke_runtime(args.smoke)
     smoke_batch = common.smoke_batch() if args.smoke else None
-    common.smoke_overrides(args, steps=common.SMOKE_TRAIN_STEPS, batch=smoke_batch, num_prompts=8, num_real=16,
+    common.smoke_overrides(args, steps=common.SMOKE_TRAIN_STEPS, batch=smoke_batch, num_prompts=8, num_per_prompt=1, num_relation=4, reference_batch=8, num_real=16,
                            num_loss=8, loss_sigmas=[0.1, 1.0, 10.0], sample_batch=8,
                            sampler_steps=common.SMOKE_SAMPLER_STEPS)
 
+    from ediff_jax.checkpoints import kept_steps
     from ediff_jax.images import ensure_writable_dir
-
     out = ensure_writable_dir(args.out)
     clock = common.Clock()
     given = parse_workdirs(args.workdir)
@@ -120,9 +138,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if unknown:
         p.error(f"--workdir given for {unknown} experts, which --experts {args.experts} does not compare.")
     root = Path(args.workdir_root or (out / "workdirs" if args.smoke else common.REPO / "workdirs/ablation_experts"))
-    for num, workdir in given.items():
-        if not common.is_trained(workdir):
-            raise FileNotFoundError(f"--workdir {num}={workdir} holds no finished run.")
+    for num, workdir in given.items():  # any checkpointed run: equal samples are checked from its checkpoints
+        if not kept_steps(workdir):
+            raise FileNotFoundError(f"--workdir {num}={workdir} holds no checkpoint; train it first.")
     # Runs to be trained get --steps x --batch samples: check the given ones match before training anything.
     check_equal_samples(given, args.steps * args.batch if set(args.experts) - set(given) else None)
     workdirs = {}
@@ -139,38 +157,50 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     size = next(iter(models.values())).image_size
     evaluator = common.Evaluator(size, args.num_real, args.feature_weights)
     _, prompts = common.validation_examples(args.num_prompts, size)
+    prompts_one = reference.one_object_prompts(args.num_per_prompt)
+    prompts_two = reference.relation_prompts(args.num_relation, seed=args.seed)
     loss_images, loss_captions = common.validation_examples(args.num_loss, size, offset=args.num_prompts)
     rows, curves, grids = [], {}, []
     for num, model in models.items():
         sampler = model.sampler(args.sampler_steps)
+        draw = lambda chunk, **kw: sampler(model.params, chunk, guidance=model.guidance, **kw)  # noqa: E731
         sample_clock = common.Clock()
-        images = common.sample_batched(lambda chunk, **kw: sampler(model.params, chunk, guidance=model.guidance, **kw),
-                                       prompts, args.sample_batch, args.seed)
+        images = common.sample_batched(draw, prompts, args.sample_batch, args.seed)
         sample_seconds = sample_clock.wall
+        # shapes_benchmark.py's chunking and seeds: its figures for the same model, image for image
+        images_one = common.sample_batched(draw, prompts_one, args.reference_batch, args.seed)
+        images_two = common.sample_batched(draw, prompts_two, args.reference_batch, args.seed + 10_000)
+        strict_lenient, _ = reference.score(images_one, prompts_one, images_two, prompts_two)
         losses = denoising_loss(model, loss_images, loss_captions, args.loss_sigmas, args.seed)
         boundaries = model.boundaries
         rows.append({
-            "experts": num, "train_steps": int(model.config.train.num_steps),
+            "experts": num, "train_steps": model.train_samples // int(model.config.train.batch_size),
             "train_batch": int(model.config.train.batch_size), "train_samples": model.train_samples,
             "boundaries": "-" if boundaries is None else "/".join(f"{b:.3g}" for b in boundaries),
-            **evaluator.score(images, prompts), "mean_val_loss": sum(losses) / len(losses),
+            "guidance": model.guidance, **evaluator.score(images, prompts),
+            # after the validation-caption scores, whose aggregate has keys of these names too
+            **{k: strict_lenient[k] for k in REFERENCE_COLUMNS}, "mean_val_loss": sum(losses) / len(losses),
             **{f"{LOSS_COLUMNS_PREFIX}{s:g}": v for s, v in zip(args.loss_sigmas, losses)},
             "sample_seconds": sample_seconds, "workdir": str(model.workdir),
         })
         curves[f"{num} expert{'s' if num > 1 else ''}"] = (list(args.loss_sigmas), losses)
         grids.append(images[:8])
-        print(f"{num} experts: all_ok {rows[-1]['all_ok_accuracy']:.3f}, FD {rows[-1]['frechet_distance']:.2f}, "
+        print(f"{num} experts: two objects {rows[-1]['two_object_relation_accuracy']:.3f}, one object strict "
+              f"{rows[-1]['one_object_color_shape_strict_accuracy']:.3f}, all_ok {rows[-1]['all_ok_accuracy']:.3f}, "
+              f"FD {rows[-1]['frechet_distance']:.2f}, "
               f"mean val loss {rows[-1]['mean_val_loss']:.4f}", flush=True)
 
     import numpy as np
 
     columns = [*COLUMNS[:-2], *(f"{LOSS_COLUMNS_PREFIX}{s:g}" for s in args.loss_sigmas), *COLUMNS[-2:]]
-    source = "tiny smoke runs (--smoke): numbers meaningless, the pipeline is real" if args.smoke else \
-        "configs/experts.py (the quickstart UNet)"
+    source = ("tiny smoke runs (--smoke): numbers meaningless, the pipeline is real" if args.smoke else
+              "the given workdirs" if given else "configs/experts.py (the quickstart UNet)")
     notes = [
         f"Models: {source}. Each layout trained {rows[0]['train_steps']} steps x batch {rows[0]['train_batch']} = "
         f"{rows[0]['train_samples']} samples. Sampling: {len(prompts)} validation captions, one image each, "
         f"guidance from each config, seed {args.seed} (the same noise for every layout).",
+        f"One / two objects (strict: nothing else drawn): experiments/shapes_benchmark.py's prompts and scorer, "
+        f"{len(prompts_one)} one-object and {len(prompts_two)} relation prompts, its seeds; intervals 95% Wilson.",
         f"Fréchet distance / KID: to {args.num_real} real validation images, shipped ediff_shapes feature network. "
         f"`loss@s`: EDM-weighted denoising loss on {args.num_loss} other validation images at sigma = s.",
         f"Command: `{common.command('experts.py', argv)}`. {clock.summary()}.",

@@ -26,11 +26,31 @@ COLUMNS = ("guidance", *common.ALIGNMENT_COLUMNS, "one_object_color_shape_accura
            *common.DISTANCE_COLUMNS, "sample_seconds")
 
 
+def parse_scale(text: str) -> float | tuple[float, ...]:
+    """'3' -> 3.0; '4/2' -> (4.0, 2.0), one scale per expert (highest noise first)."""
+    import argparse
+    import math
+
+    try:
+        values = tuple(float(v) for v in str(text).split("/"))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a guidance scale: give a number (3) or one per expert "
+                                         "(4/2)")
+    return values[0] if len(values) == 1 else values
+
+
+def label(scale: float | tuple[float, ...]) -> str:
+    return "/".join(f"{v:g}" for v in scale) if isinstance(scale, tuple) else f"{scale:g}"
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p = common.base_parser(__doc__)
     common.add_sampling_args(p, num_prompts=96)
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
-                   help="Guidance scales w (0: unconditional, 1: conditional without guidance).")
+    p.add_argument("--scales", type=parse_scale, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
+                   help="Guidance scales w (0: unconditional, 1: conditional without guidance); for an expert "
+                        "ensemble also one scale per expert, highest noise first, as 4/2.")
     args = p.parse_args(argv)
     common.configure_smoke_runtime(args.smoke)
     common.smoke_overrides(args, num_prompts=8, num_real=16, batch=8, steps=common.SMOKE_SAMPLER_STEPS,
@@ -46,14 +66,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     evaluator = common.Evaluator(model.image_size, args.num_real, args.feature_weights)
     _, prompts = common.validation_examples(args.num_prompts, model.image_size)
     sampler = model.sampler(args.steps)
+    from ediff_jax.spec import per_expert_guidance
+
+    for w in args.scales:  # a per-expert list must match the ensemble: refused before any sampling
+        try:
+            per_expert_guidance(w, sampler.num_experts, f"--scales {label(w)}")
+        except ValueError as e:
+            p.error(str(e))
+    per_expert = any(isinstance(w, tuple) for w in args.scales)
     rows, grids = [], []
     for w in args.scales:
         sample_clock = common.Clock()
         images = common.sample_batched(lambda chunk, **kw: sampler(model.params, chunk, guidance=w, **kw),
                                        prompts, args.batch, args.seed)
-        rows.append({"guidance": w, **evaluator.score(images, prompts), "sample_seconds": sample_clock.wall})
+        rows.append({"guidance": label(w) if per_expert else w, **evaluator.score(images, prompts),
+                     "sample_seconds": sample_clock.wall})
         grids.append(images[:8])
-        print(f"w={w:g}: all_ok {rows[-1]['all_ok_accuracy']:.3f}, FD {rows[-1]['frechet_distance']:.2f}", flush=True)
+        print(f"w={label(w)}: all_ok {rows[-1]['all_ok_accuracy']:.3f}, FD {rows[-1]['frechet_distance']:.2f}", flush=True)
 
     steps = args.steps or model.sampler_steps
     notes = [
@@ -69,9 +98,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                        out / "tradeoff.png", title="Guidance sweep (labels: w)",
                        xlabel="Fréchet distance (lower: closer to real)", ylabel="alignment accuracy",
                        ylim=(-0.02, 1.02),
-                       annotations={"all objects correct": [f"{r['guidance']:g}" for r in rows]})
+                       annotations={"all objects correct": [label(w) for w in args.scales]})
     common.plot_metrics(rows, "guidance", ["all_ok_accuracy", "frechet_distance", "kid"], out / "metrics.png",
-                        title="Metrics against the guidance scale", xlabel="guidance w")
+                        title="Metrics against the guidance scale", xlabel="guidance w (per expert: highest noise "
+                        "first)" if per_expert else "guidance w", bar=per_expert)
     common.save_grid(np.concatenate(grids), out / "samples.png", cols=len(grids[0]))
     print(f"Wrote results.md, results.csv, tradeoff.png, metrics.png and samples.png to {out} ({clock.summary()}).")
     return rows
