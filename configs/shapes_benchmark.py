@@ -59,7 +59,7 @@ def get_config(arg: str | None = None):
     c.train.posthoc_ema.gammas = (16.97, 6.94)
     c.train.posthoc_ema.every = 250
     c.train.log_every = 100
-    c.train.ckpt_every = max(args.steps // 4, 1)  # four checkpoints: the learning curve
+    c.train.ckpt_every = max(-(-args.steps // 4), 1)  # four checkpoints, the last at the end: the learning curve
     c.train.keep_ckpts = 4
     c.sample.guidance = 2.0
     if args.branch_from and args.experts == 1:
