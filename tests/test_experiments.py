@@ -79,10 +79,6 @@ def test_guidance_smoke(smoke_workdir, tmp_path):
     for row in rows:
         assert_accuracy(row["all_ok_accuracy"])
         assert_distances(row)
-        for value, interval in (("two_object_relation_accuracy", "two_object_ci95"),
-                                ("one_object_color_shape_strict_accuracy", "one_object_strict_ci95")):
-            lo, hi = map(float, row[interval].split("-"))  # a Wilson interval holds its own estimate
-            assert lo - 1e-9 <= row[value] <= hi + 1e-9, (value, row[value], row[interval])
 
 
 @pytest.mark.slow
@@ -140,11 +136,12 @@ def test_canvas_smoke(smoke_workdir, tmp_path):
     sampler evaluations (Euler, 2 steps), plus the anchor crop on the one guided evaluation of the coherence
     rows (half of 2 steps), each of whose crops also runs backwards; and every score is in range."""
     rows = canvas.main(["--smoke", "--workdir", str(smoke_workdir), "--out", str(tmp_path), "--coherence", "1.0"])
-    check_outputs(tmp_path, rows, "canvas", ["32x128"] * 4 + ["32x256 circular"] * 4 + ["32x128"] * 4,
+    check_outputs(tmp_path, rows, "canvas", ["32x128"] * 4 + ["32x256 circular"] * 3 + ["32x128"] * 3,
                   ["panoramas.png"])
-    assert [r["strategy"] for r in rows] == ["overlap", "gaussian", "shifted", "overlap"] * 3
-    assert [r["coherence"] for r in rows] == [0.0, 0.0, 0.0, 1.0] * 3
-    crops = [13, 13, 5, 13, 32, 32, 8, 32, 13, 13, 5, 13]
+    assert [r["strategy"] for r in rows] == ["overlap", "gaussian", "shifted", "overlap"] + \
+        ["overlap", "gaussian", "shifted"] * 2
+    assert [r["coherence"] for r in rows] == [0.0, 0.0, 0.0, 1.0] + [0.0] * 6  # coherence: the plain panorama
+    crops = [13, 13, 5, 13, 32, 32, 8, 13, 13, 5]
     assert [r["crops_per_call"] for r in rows] == crops
     assert [r["evals_per_panorama"] for r in rows] == [(1 + r["regions"]) * (c * 2 + (r["coherence"] > 0))
                                                        for c, r in zip(crops, rows)]

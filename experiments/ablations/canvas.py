@@ -1,6 +1,7 @@
 """Canvas strategies and samplers side by side: MultiDiffusion (`overlap`), Mixture of Diffusers
 (`gaussian`) and SpotDiffusion (`shifted`), each with Heun, Euler and DPM-Solver++(2M), and
-SyncDiffusion's coherence guidance on top of `overlap` (`--coherence W ...`, first sampler only).
+SyncDiffusion's coherence guidance on top of `overlap` (`--coherence W ...`: first sampler, 32x128
+panorama only, since every guided evaluation runs a backward pass per crop).
 
 Every setting samples the same prompts from the same noise on each canvas: a window x 4 windows
 panorama (32x128 for a 32x32 model; overlap at stride window/4, the issue's 13 views), a circular
@@ -104,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows, grids = [], []
     for name, width, circular, regions in canvases:
         for strategy, weight in settings:
+            if weight and (circular or regions):
+                continue  # coherence: the plain panorama only (a backward pass per crop; circular has 32 crops)
             for sampler_name in args.samplers:
                 if (regions or weight) and sampler_name != args.samplers[0]:
                     continue  # regions and coherence: one sampler is enough to see the effect
