@@ -359,6 +359,24 @@ def saved_config(saved: Mapping[str, Any], workdir: epath.Path) -> dict | None:
 
 
 
+def check_config_against(exp: "Experiment", saved: Mapping[str, Any], workdir: Any,
+                         also_allowed: tuple[str, ...] = ()) -> dict:
+    """The resume policy between the run that wrote `saved` (in `workdir`) and `exp.config`.
+
+    Returns `resume_policy.compare`'s result ({} when the checkpoint has no config record);
+    raises `ResumeChangeError` for a refused change. `also_allowed`: keys accepted besides
+    `config.train.allow_resume_change` (a warm start's branch keys).
+    """
+    old = saved_config(saved, workdir)
+    if old is None:
+        return {}
+    new = {**resume_policy.flatten(exp.config.to_dict()), "process_count": jax.process_count()}
+    if old["process_count"] is None:  # not recorded: nothing to compare against
+        new["process_count"] = None
+    allowed = [*resume_policy.allowed_changes(exp.config), *also_allowed]
+    return resume_policy.check_resume(old, new, allowed, str(workdir))
+
+
 @dataclasses.dataclass
 class Restored:
     """A checkpoint restored onto an experiment: what `restore_checkpoint` returns."""

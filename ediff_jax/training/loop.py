@@ -29,11 +29,11 @@ from ediff_jax.training.experiment import (
     TrainState,
     branch_state,
     build_experiment,
+    check_config_against,
     init_train_state,
     model_meta,
     progress_meta,
     restore_checkpoint,
-    saved_config,
 )
 from ediff_jax.training.step import compile_train_step, sigma_bucket_names
 from ediff_jax.training.warm_start import warm_start
@@ -55,13 +55,7 @@ def restore_or_init(exp: Experiment, ckpt: Checkpointer) -> tuple[TrainState, An
     found: dict[str, Any] = {}
 
     def check_resume(saved: dict) -> None:
-        old = saved_config(saved, ckpt.directory.parent)
-        if old is not None:
-            new = {**resume_policy.flatten(exp.config.to_dict()), "process_count": jax.process_count()}
-            if old["process_count"] is None:  # not recorded: nothing to compare against
-                new["process_count"] = None
-            found["changes"] = resume_policy.check_resume(old, new, resume_policy.allowed_changes(exp.config),
-                                                          str(ckpt.directory.parent))
+        found["changes"] = check_config_against(exp, saved, ckpt.directory.parent)
 
     restored = restore_checkpoint(exp, ckpt, check=check_resume, quarantine=True)
     step, state = restored.step, restored.tree

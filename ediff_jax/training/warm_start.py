@@ -34,6 +34,7 @@ from ediff_jax.training.experiment import (
     Experiment,
     TrainState,
     _compared_model_keys,
+    check_config_against,
     check_text_encoders,
     model_meta,
     saved_config,
@@ -131,18 +132,13 @@ def _check_source(exp: Experiment, src: Checkpointer, saved: dict | None, source
 def _check_settings(exp: Experiment, saved: dict, source: str, where: str) -> dict:
     """The resume policy between the source's run and this config, the branch keys allowed."""
     old = saved_config(saved, source)
-    if old is None:
-        return {}
-    new = {**resume_policy.flatten(exp.config.to_dict()), "process_count": jax.process_count()}
-    if old["process_count"] is None:
-        new["process_count"] = None
-    power_old, power_new = old.get("train.posthoc_ema.gammas", []), new["train.posthoc_ema.gammas"]
-    if power_new and power_new != power_old:
+    power_old = (old or {}).get("train.posthoc_ema.gammas", [])
+    power_new = list(exp.config.train.posthoc_ema.gammas)
+    if old is not None and power_new and power_new != list(power_old):
         raise ValueError(f"{where}: config.train.posthoc_ema.gammas={tuple(power_new)} differs from the source's "
                          f"{tuple(power_old)}; keep the source's exponents, or () to track none.")
-    allowed = [*resume_policy.allowed_changes(exp.config), *BRANCH_KEYS]
     try:
-        return resume_policy.check_resume(old, new, allowed, str(source))
+        return check_config_against(exp, saved, source, BRANCH_KEYS)
     except resume_policy.ResumeChangeError as e:
         raise resume_policy.ResumeChangeError(f"{where}: {e}") from None
 
