@@ -19,7 +19,9 @@ Variants: `steps=N`, `batch=B`, `minutes=M` (0: no time box), and the rows of th
 table (issue #15, BENCHMARKS.md): `xattn32=true` (cross-attention at 32x32 too),
 `coord=false` (no pixel coordinates as input), `channels=C` (UNet width), `p_mean=P` and
 `p_std=S` (the training distribution of log sigma), `relations=K` (each relation caption K times per
-epoch: `data.relation_repeats`).
+epoch: `data.relation_repeats`), `decay=F` (the learning rate falls linearly to 0 over the last
+fraction F of `steps`: `train.lr_decay_fraction`; give `steps=` what the box reaches, or the box
+stops the run before the decay ends).
 
 Experts (issue #20): `experts=E` trains eDiff-I's layout of E experts (shared -> 2 -> 3), phases of
 equal length; with `branch_from=WORKDIR@STEP` the run starts from that workdir's single model at
@@ -41,7 +43,7 @@ def get_config(arg: str | None = None):
     # Reproduce the pre-#15 reference with coord=false,p_mean=-1.2,p_std=1.2,relations=1,steps=6800.
     args = parse_arg(arg, steps=16000, batch=16, minutes=60.0, xattn32=False, coord=True, channels=32,
                       p_mean=0.0, p_std=1.6, relations=3, experts=1, branch_from="",
-                      boundary_sigma=0.0, boundary_snr=0.0)
+                      boundary_sigma=0.0, boundary_snr=0.0, decay=0.0)
     c = load_config(f"{Path(__file__).with_name('quickstart.py')}:steps={args.steps},batch={args.batch}")
     c.data.text_cache = True
     c.data.relation_repeats = args.relations
@@ -51,6 +53,7 @@ def get_config(arg: str | None = None):
     c.edm.p_mean, c.edm.p_std = args.p_mean, args.p_std
     c.train.max_minutes = args.minutes
     c.train.warmup_steps = 200
+    c.train.lr_decay_fraction = args.decay
     c.train.ema_decay = 0.999  # ~700-step half-life: averages the last tenth of the run
     c.train.extra_ema_decays = (0.9995,)
     # Post-hoc EMA snapshots (EDM2's sigma_rel 0.05 and 0.10): score any EMA width after the run with

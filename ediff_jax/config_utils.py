@@ -182,6 +182,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_steps = 100_000
     c.train.lr = 1e-4
     c.train.warmup_steps = 1000
+    # Warmup-stable-decay: the rate falls linearly to 0 over the last lr_decay_fraction of
+    # num_steps (0: constant after the warm-up). A fixed budget's last steps then settle the
+    # model instead of leaving it at the noise floor of a constant rate.
+    c.train.lr_decay_fraction = 0.0
     c.train.weight_decay = 0.0
     c.train.grad_clip = 1.0
     c.train.ema_decay = 0.9999  # the EMA that sampling uses by default (state.ema_params)
@@ -270,6 +274,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.relation_repeats={repeats!r}: use a whole number >= 1 (1: every example once).")
     _check_posthoc_ema(config.train.posthoc_ema, config.experts.phases)
     _check_init_from(config.experts)
+    decay = config.train.lr_decay_fraction
+    if not 0.0 <= float(decay) <= 1.0:  # also refuses nan
+        raise ValueError(f"config.train.lr_decay_fraction={decay!r}: use a number in [0, 1], the share of "
+                         "num_steps over which the rate falls to 0 (0: no decay).")
 
 
 def _check_posthoc_ema(posthoc: ml_collections.ConfigDict, expert_phases: tuple = ()) -> None:

@@ -81,17 +81,43 @@ def unstack_experts(stacked: Any) -> list[Any]:
     return [jax.tree.map(lambda x, k=k: x[k], stacked) for k in range(num_experts(stacked))]
 
 
-def expert_shares(batch: jax.Array, num: int) -> jax.Array:
-    """[B, ...] -> [num, B / num, ...]: expert k trains on rows k, k + num, k + 2 num, ...
+def expert_shares(batch: jax.Array, num: int, offset: Any = 0) -> jax.Array:
+    """[B, ...] -> [num, ceil(B / num), ...]: expert k trains on rows k, k + num, k + 2 num, ...
 
     Strided, not contiguous: the global batch is laid out host by host (each process's
     rows form one block), so contiguous shares would give each expert a fixed subset of
     hosts, and with them a fixed part of the dataset. A stride takes an equal number of
     rows from every host's block whenever each block is a multiple of `num` rows.
+
+    When `num` does not divide B (eDiff-I's 3 experts at batch 16), the batch is padded to
+    num * ceil(B / num) rows with copies of its first rows, which `expert_share_weights`
+    gives weight 0, and rolled by `offset` (the step) first, so which experts get the
+    shorter shares rotates: over `num` steps every expert trains on the same number of
+    examples, and the ensemble still sees each example once. An even split ignores `offset`.
     """
-    if batch.shape[0] % num:
-        raise ValueError(f"A batch of {batch.shape[0]} rows cannot be split into {num} equal expert shares.")
-    return jnp.swapaxes(batch.reshape(batch.shape[0] // num, num, *batch.shape[1:]), 0, 1)
+    rows = batch.shape[0]
+    if rows % num == 0:
+        return jnp.swapaxes(batch.reshape(rows // num, num, *batch.shape[1:]), 0, 1)
+    padded = jnp.concatenate([batch, batch[:-rows % num]])
+    return padded[_padded_share_rows(rows, num, offset)]
+
+
+def expert_share_weights(rows: int, num: int, offset: Any = 0) -> jax.Array | None:
+    """[num, ceil(rows / num)] float32: 1 for a real example of each share, 0 for `expert_shares`'
+    padding; None when `num` divides `rows` (every row is real)."""
+    if rows % num == 0:
+        return None
+    return (_padded_share_rows(rows, num, offset) < rows).astype(jnp.float32)
+
+
+def _padded_share_rows(rows: int, num: int, offset: Any) -> jax.Array:
+    """[num, ceil(rows / num)] indices into the batch padded to a multiple of `num` (indices >= rows are
+    padding): the padded batch rolled by `offset`, then split strided."""
+    if rows < num:
+        raise ValueError(f"A batch of {rows} rows cannot give each of {num} experts a row; use at least {num}.")
+    total = rows + -rows % num
+    rolled = jnp.roll(jnp.arange(total), offset)
+    return jnp.swapaxes(rolled.reshape(total // num, num), 0, 1)
 
 
 def ensemble_denoiser(

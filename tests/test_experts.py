@@ -190,6 +190,58 @@ def test_vmapped_update_equals_separate_expert_updates(exp2):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[k], b, rtol=1e-4, atol=1e-6), vmapped, separate)
 
 
+def test_uneven_expert_shares_cover_the_batch_once_and_rotate():
+    """3 experts at batch 16 (eDiff-I's layout at the reference batch): shares of 6 rows, padded with copies of
+    real rows (finite inputs) of weight 0. At every step the rows of weight 1 are the batch, each once; the
+    shorter shares rotate, so over 3 steps every expert trains on 16 examples. An even split is unchanged."""
+    rows, e = 16, 3
+    batch = jnp.arange(rows)
+    per_expert = np.zeros(e)
+    for step in range(e):
+        shares = np.asarray(experts.expert_shares(batch, e, step))
+        weight = np.asarray(experts.expert_share_weights(rows, e, step))
+        assert shares.shape == weight.shape == (e, 6) and set(np.unique(weight)) == {0.0, 1.0}
+        assert sorted(shares[weight == 1].tolist()) == list(range(rows))  # every example once
+        assert sorted(weight.sum(1).tolist()) == [5, 5, 6]
+        per_expert += weight.sum(1)
+    np.testing.assert_array_equal(per_expert, [16, 16, 16])
+    even = np.asarray(experts.expert_shares(jnp.arange(12), e, 5))  # the offset is ignored when even
+    np.testing.assert_array_equal(even, np.arange(12).reshape(4, 3).T)
+    assert experts.expert_share_weights(12, e, 5) is None
+    with pytest.raises(ValueError, match="2 rows cannot give each of 3 experts a row"):
+        experts.expert_shares(jnp.arange(2), 3)
+
+
+def test_padded_update_equals_the_update_on_the_real_examples(exp2):
+    """Reference: one expert's update on its 3 real examples. Padded to 4 rows, the 4th of weight 0, the
+    weighted update is the same, also with grad_accum=2 (micro-batches of 2 and 1 real rows: the
+    normalisation is by the share's real examples, not per micro-batch). Clipped SGD as above."""
+    import dataclasses
+
+    import optax
+
+    sgd = dataclasses.replace(exp2, tx=optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0)))
+    state, _ = training.init_train_state(sgd)  # phase 0: one expert on the stacked axis
+    params, opt_state, ema = (jax.tree.map(lambda x: x[0], t) for t in (state.params, state.opt_state, state.ema_params))
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), params)
+    images = jax.random.uniform(jax.random.key(4), (4, 32, 32, 3), minval=-1, maxval=1)
+    cond = exp2.encoders.encode(exp2.encoders.params, exp2.encoders.tokenize(["a red circle", "a blue square"] * 2))
+    sigma, noise = jnp.array([0.05, 0.3, 2.0, 40.0]), jax.random.normal(jax.random.key(5), images.shape)
+    real = lambda x: x[:3]
+    args = (params, opt_state, ema)
+    reference = jax.jit(training.make_update(sgd))(*args, real(images), jax.tree.map(real, cond), real(sigma),
+                                                   real(noise), jax.random.key(6), jnp.int32(3))
+    weight = jnp.array([1.0, 1.0, 1.0, 0.0])
+    for accum in (1, 2):
+        cfg = exp2.config.copy_and_resolve_references()
+        cfg.train.grad_accum = accum
+        padded = jax.jit(training.make_update(dataclasses.replace(sgd, config=cfg)))(
+            *args, images, cond, sigma, noise, jax.random.key(6), jnp.int32(3), weight)
+        np.testing.assert_allclose(padded[3], reference[3], rtol=1e-5)  # the loss: the mean over real rows
+        np.testing.assert_allclose(padded[4], reference[4], rtol=1e-4)  # the gradient norm
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), padded[0], reference[0])
+
+
 def test_boundaries_placed_at_given_sigmas():
     """layout_split_at_sigmas puts the boundaries where asked: the inverse CDF of p(sigma) gives them back,
     and Wan 2.2's SNR form sigma = sigma_data / sqrt(SNR) is one of them."""
@@ -266,7 +318,8 @@ def test_run_stopped_at_phase_boundary_resumes_exactly(ensemble_workdir, tmp_pat
 
 @pytest.mark.slow
 def test_vmap_unroll_and_scan_expert_steps_agree(exp2):
-    """`experts.train_map`: the vmapped, unrolled and lax.map steps are the same math."""
+    """`experts.train_map`: the vmapped, unrolled and lax.map steps are the same math, on an uneven split
+    (3 rows for 2 experts: shares of 2, one row of padding) whose padding no metric counts."""
     import dataclasses
 
     import optax
@@ -274,8 +327,8 @@ def test_vmap_unroll_and_scan_expert_steps_agree(exp2):
     sgd = dataclasses.replace(exp2, tx=optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0)))
     state, _ = training.init_train_state(sgd)
     state, _ = training.branch_state(sgd, state, 1)
-    tokens = exp2.encoders.tokenize(["a red circle", "a blue square"] * 2)
-    batch = {"image": jax.random.uniform(jax.random.key(7), (4, 32, 32, 3), minval=-1, maxval=1), **tokens}
+    tokens = exp2.encoders.tokenize(["a red circle", "a blue square", "a green triangle"])
+    batch = {"image": jax.random.uniform(jax.random.key(7), (3, 32, 32, 3), minval=-1, maxval=1), **tokens}
     out = {}
     for mode in ("vmap", "unroll", "scan"):
         cfg = exp2.config.copy_and_resolve_references()
@@ -283,6 +336,8 @@ def test_vmap_unroll_and_scan_expert_steps_agree(exp2):
         exp = dataclasses.replace(sgd, config=cfg)
         st = jax.tree.map(jnp.copy, state)
         out[mode] = jax.jit(training.make_train_step(exp, 1))(st, exp.encoders.params, batch)
+    for mode in ("vmap", "unroll", "scan"):
+        assert float(out[mode][1]["bucket_count"].sum()) == 3.0 and np.isfinite(float(out[mode][1]["loss"]))
     for mode in ("unroll", "scan"):
         np.testing.assert_allclose(out["vmap"][1]["loss"], out[mode][1]["loss"], rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),

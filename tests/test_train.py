@@ -159,6 +159,38 @@ def test_negative_time_budget_is_refused(tiny_config, tmp_path):
     assert not (tmp_path / "wd" / "checkpoints").exists()
 
 
+def test_lr_decay_is_warmup_stable_then_linear_to_zero():
+    """train.lr_decay_fraction: the closed form lr * min(1, (t+1)/warmup) * min(1, (N - t) / (f N)), and the
+    optimizer follows it: with no weight decay Adam's direction does not depend on the rate, so fed the same
+    gradients, each update of the decayed optimizer is the constant one's scaled by the schedules' ratio."""
+    from ediff_jax.training.experiment import make_optimizer
+    base = dict(lr=1e-2, warmup_steps=2, num_steps=10, weight_decay=0.0, grad_clip=1e9)
+    tx_c, constant = make_optimizer({**base, "lr_decay_fraction": 0.0})
+    tx_d, decayed = make_optimizer({**base, "lr_decay_fraction": 0.4})  # the last 4 of 10 steps
+    expected = [1e-2 * min(1, (t + 1) / 2) * min(1, max(0, 10 - t) / 4) for t in range(12)]
+    np.testing.assert_allclose([float(decayed(t)) for t in range(12)], expected, rtol=1e-6)
+    np.testing.assert_allclose([float(constant(t)) for t in range(12)],
+                               [1e-2 * min(1, (t + 1) / 2) for t in range(12)], rtol=1e-6)
+    assert float(decayed(9)) > 0 and float(decayed(10)) == 0.0  # the last update still moves; none after
+    params = {"w": jnp.ones(3)}
+    state_c, state_d = tx_c.init(params), tx_d.init(params)
+    rng = np.random.default_rng(0)
+    for t in range(10):
+        grads = {"w": jnp.asarray(rng.normal(size=3), jnp.float32)}
+        up_c, state_c = tx_c.update(grads, state_c, params)
+        up_d, state_d = tx_d.update(grads, state_d, params)
+        np.testing.assert_allclose(up_d["w"], up_c["w"] * expected[t] / float(constant(t)), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])  # ml_collections types the field: no str
+def test_bad_lr_decay_fraction_is_refused(tiny_config, bad):
+    c = tiny_config.copy_and_resolve_references()
+    with c.unlocked():
+        c.train.lr_decay_fraction = bad
+    with pytest.raises(ValueError, match=r"lr_decay_fraction=.*\[0, 1\]"):
+        validate_config(c)
+
+
 def test_sample_from_workdir(trained_workdir, tmp_path):
     images = sample_from_workdir(trained_workdir, ["a red circle", "a blue square"], num=2, steps=3, progress=False,
                                  out=tmp_path / "out")

@@ -47,14 +47,21 @@ class TrainState:
 
 
 def make_optimizer(train_config: Mapping[str, Any]) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup to a constant rate, and global-norm gradient clipping.
+    """AdamW with linear warmup to a constant rate, an optional linear decay, and global-norm clipping.
 
-    The rate at step t is lr * min(1, (t+1)/warmup): the first step already learns.
+    The rate at step t (the t-th update, counted from 0) is
+    lr * min(1, (t+1)/warmup) * min(1, (num_steps - t) / (lr_decay_fraction * num_steps)):
+    the first step already learns, and with a decay the last step still moves (by 1/decay_steps of lr).
     """
     lr, warmup = float(train_config["lr"]), max(int(train_config["warmup_steps"]), 1)
+    num_steps = int(train_config["num_steps"])
+    decay_steps = float(train_config.get("lr_decay_fraction", 0.0)) * num_steps
 
     def schedule(step: jax.Array) -> jax.Array:
-        return lr * jnp.minimum(1.0, (step + 1.0) / warmup)
+        rate = lr * jnp.minimum(1.0, (step + 1.0) / warmup)
+        if decay_steps > 0:
+            rate = rate * jnp.clip((num_steps - step) / decay_steps, 0.0, 1.0)
+        return rate
 
     tx = optax.chain(
         optax.clip_by_global_norm(train_config["grad_clip"]),
@@ -183,7 +190,9 @@ def _check_batch_splits(config: ml_collections.ConfigDict, phases: list[list[exp
 
     Each expert takes every E-th row of the global batch (`experts.expert_shares`), so its
     share holds rows of every host when each host's rows are a multiple of E; gradient
-    accumulation then splits each share into micro-batches.
+    accumulation then splits each share into micro-batches. On one process E need not divide
+    the batch: the shares are padded to ceil(B / E) rows (padding has weight 0) and the
+    shorter shares rotate over the experts step by step.
     """
     batch, accum = int(config.train.batch_size), int(config.train.grad_accum)
     if accum < 1:
@@ -193,12 +202,16 @@ def _check_batch_splits(config: ml_collections.ConfigDict, phases: list[list[exp
                          "pick a multiple.")
     for i, phase in enumerate(phases or [[(0.0, 1.0)]]):
         e, where = len(phase), f"the {len(phase)} experts of phase {i}" if phases else "the model"
-        if (batch // process_count) % e:
+        if process_count > 1 and (batch // process_count) % e:
             raise ValueError(f"config.train.batch_size={batch} gives each of the {process_count} processes "
                              f"{batch // process_count} examples, not divisible by {where}; each expert takes an "
                              f"equal share of every process's examples. Use a multiple of {e * process_count}.")
-        if (batch // e) % accum:
-            raise ValueError(f"config.train.grad_accum={accum} must divide the {batch // e} examples that each of "
+        if batch < e:
+            raise ValueError(f"config.train.batch_size={batch} is smaller than {where}; each expert needs at "
+                             f"least one example per step. Use at least {e}.")
+        share = -(-batch // e)  # an uneven split pads every share to the longest
+        if share % accum:
+            raise ValueError(f"config.train.grad_accum={accum} must divide the {share} examples that each of "
                              f"{where} gets per step; pick a divisor or change config.train.batch_size.")
 
 

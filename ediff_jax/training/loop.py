@@ -279,6 +279,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop_after: i
             if stop:
                 why = f"time budget of {config.train.max_minutes:g} min spent" if out_of_time else "SIGTERM"
                 logs.info(f"{why}: saved step {step} to {ckpt.directory}; rerun the same command to resume.")
+                if float(config.train.lr_decay_fraction) > 0:  # a decay cut short is not the run that was asked for
+                    rate = float(exp.schedule(step)) / float(config.train.lr)
+                    logs.warning(f"config.train.lr_decay_fraction: stopped at step {step} of {num_steps}, with the "
+                                 f"rate still at {rate:.0%} of lr; resume to finish the decay.")
                 last = step
                 break
             if config.train.sample_every and step % int(config.train.sample_every) == 0 and step != num_steps:

@@ -26,10 +26,14 @@ def sigma_bucket_names() -> list[str]:
     return [f"loss/sigma_{lo}-{hi}" for lo, hi in zip(edges, edges[1:])]
 
 
-def bucket_sums(loss: jax.Array, sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-bucket sums of per-example losses, and counts (aggregated over steps by the loop)."""
+def bucket_sums(loss: jax.Array, sigma: jax.Array, weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per-bucket sums of per-example losses, and counts (aggregated over steps by the loop).
+
+    `weight` (0 or 1 per example) leaves out the padding of uneven expert shares."""
     index = jnp.searchsorted(jnp.asarray(SIGMA_BUCKETS, jnp.float32), sigma.reshape(-1), side="right")
     one_hot = jax.nn.one_hot(index, len(SIGMA_BUCKETS) + 1, dtype=jnp.float32)
+    if weight is not None:
+        one_hot = one_hot * weight.reshape(-1, 1)
     return one_hot.T @ loss.reshape(-1).astype(jnp.float32), one_hot.sum(0)
 
 
@@ -41,41 +45,50 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
 def make_update(exp: Experiment) -> Callable[..., tuple]:
     """The update of one model (or one expert) on its examples: loss, AdamW, EMA.
 
-    `update(params, opt_state, ema, images, cond, sigma, noise, dropout_rng, step)` ->
+    `update(params, opt_state, ema, images, cond, sigma, noise, dropout_rng, step, weight=None)` ->
     (params, opt_state, ema, loss, grad_norm, per_example_loss). An ensemble vmaps it over
     the expert axis. With `config.train.grad_accum` = A > 1 the examples are split into A
     micro-batches whose gradients are averaged (a scan: activation memory of one micro-batch).
+    `weight` (one 0 or 1 per example) makes the loss the mean over the examples of weight 1:
+    an uneven expert share is padded to the others' size with examples of weight 0.
     """
     config, model = exp.config, exp.model
     sigma_data = float(config.edm.sigma_data)
     accum = int(config.train.grad_accum)
 
-    def losses(p: Any, images: jax.Array, cond: Any, sigma: jax.Array, noise: jax.Array, r_dropout: jax.Array):
+    def losses(p: Any, images: jax.Array, cond: Any, sigma: jax.Array, noise: jax.Array, r_dropout: jax.Array,
+               weight: jax.Array | None = None, norm: jax.Array | None = None):
         net = lambda xs, c_noise: model.apply({"params": p}, xs, c_noise, cond, train=True, rngs={"dropout": r_dropout})
         denoise = edm.denoiser_from_network(net, sigma_data)
         if model.lowres_residual:
             denoise = sr.residual_denoiser(denoise, cond["lowres"])
         per_example = edm.edm_loss(denoise, images, sigma, noise, sigma_data)
-        return jnp.mean(per_example), per_example
+        if weight is None:
+            return jnp.mean(per_example), per_example
+        return jnp.sum(per_example * weight) / norm, per_example  # norm: the real examples per micro-batch
 
     grad_fn = jax.value_and_grad(losses, has_aux=True)
 
     def update(params: Any, opt_state: Any, ema: Any, images: jax.Array, cond: Any, sigma: jax.Array,
-               noise: jax.Array, r_dropout: jax.Array, step: jax.Array) -> tuple:
+               noise: jax.Array, r_dropout: jax.Array, step: jax.Array, weight: jax.Array | None = None) -> tuple:
+        # Each micro-batch's loss is sum(w l) / (W / A), W the share's real examples: the average of the
+        # A micro-batch gradients is then the gradient of the share's mean over its real examples.
+        norm = None if weight is None else jnp.sum(weight) / accum
         if accum == 1:
-            (loss, per_example), grads = grad_fn(params, images, cond, sigma, noise, r_dropout)
+            (loss, per_example), grads = grad_fn(params, images, cond, sigma, noise, r_dropout, weight, norm)
         else:
             micro = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
-            xs = (micro(images), jax.tree.map(micro, cond), micro(sigma), micro(noise), jax.random.split(r_dropout, accum))
+            xs = (micro(images), jax.tree.map(micro, cond), micro(sigma), micro(noise), jax.random.split(r_dropout, accum),
+                  None if weight is None else micro(weight))
 
             def body(total: Any, batch: tuple) -> tuple:
-                (_, per), g = grad_fn(params, *batch)
+                (_, per), g = grad_fn(params, *batch, norm)
                 return jax.tree.map(jnp.add, total, g), per
 
             grads, per_example = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), xs)
             grads = jax.tree.map(lambda g: g / accum, grads)
             per_example = per_example.reshape(-1)
-            loss = jnp.mean(per_example)
+            loss = jnp.mean(per_example) if weight is None else jnp.sum(per_example * weight) / jnp.sum(weight)
         updates, opt_state = exp.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         ema = ema_lib.ema_step(ema, params, step, float(config.train.ema_decay))
@@ -108,7 +121,8 @@ def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, An
     """One EDM training step: encode (frozen), drop encoders, noise, weighted loss, AdamW, EMA.
 
     For an ensemble, the batch is split into equal shares, one per expert, each with sigmas
-    drawn from that expert's interval, and the per-expert update is vmapped over the
+    drawn from that expert's interval (when E does not divide the batch, the shares are padded
+    with examples of weight 0 and the shorter ones rotate over the experts, `experts.expert_shares`), and the per-expert update is vmapped over the
     stacked expert axis (or `lax.map`ped, see `config.experts.train_map`): all experts train
     in one compiled step, and independently (each has its own gradient clipping and
     optimizer state, exactly as E separate runs would).
@@ -142,25 +156,30 @@ def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, An
                                                                           r_dropout, state.step)
             metrics = {"loss": loss, "grad_norm": grad_norm}
         else:
-            e = len(intervals)
-            share = lambda x: experts.expert_shares(x, e)
+            e, rows = len(intervals), images.shape[0]
+            offset = state.step % e  # which experts get an uneven split's shorter shares rotates every step
+            share = lambda x: experts.expert_shares(x, e, offset)
+            weight = experts.expert_share_weights(rows, e, offset)  # None: an even split
             bounds = jnp.asarray(intervals, jnp.float32)
             sigma = jax.vmap(lambda k, lo, hi: experts.sample_interval_sigmas(
-                k, (images.shape[0] // e,), (lo, hi), p_mean, p_std))(jax.random.split(r_sigma, e), bounds[:, 0], bounds[:, 1])
+                k, (-(-rows // e),), (lo, hi), p_mean, p_std))(jax.random.split(r_sigma, e), bounds[:, 0], bounds[:, 1])
             per_expert = (*args, share(images), jax.tree.map(share, cond), sigma, share(noise),
                           jax.random.split(r_dropout, e))
+            call = lambda xs: update(*xs[:8], state.step, *xs[8:])
+            per_expert = per_expert if weight is None else (*per_expert, weight)
             if train_map == "vmap":
-                out = jax.vmap(update, in_axes=(0,) * 8 + (None,))(*per_expert, state.step)
+                out = jax.vmap(call)(per_expert)
             elif train_map == "unroll":
-                outs = [update(*jax.tree.map(lambda a: a[k], per_expert), state.step) for k in range(e)]
+                outs = [call(jax.tree.map(lambda a: a[k], per_expert)) for k in range(e)]
                 out = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
             else:
-                out = jax.lax.map(lambda xs: update(*xs, state.step), per_expert)
+                out = jax.lax.map(call, per_expert)
             params, opt_state, ema, loss, grad_norm, per_example = out
             metrics = {"loss": jnp.mean(loss), "grad_norm": jnp.sqrt(jnp.sum(grad_norm ** 2)),
                        **{f"loss/expert_{k}": loss[k] for k in range(e)}}
         metrics["lr"] = exp.schedule(state.step)
-        metrics["bucket_loss_sum"], metrics["bucket_count"] = bucket_sums(per_example, sigma)
+        metrics["bucket_loss_sum"], metrics["bucket_count"] = bucket_sums(
+            per_example, sigma, None if intervals is None else weight)
         extra = tuple(ema_lib.ema_step(tracked, params, state.step, decay)
                       for tracked, decay in zip(state.extra_emas, extra_decays))
         power = tuple(ema_lib.power_ema_update(tracked, params, state.step, gamma)

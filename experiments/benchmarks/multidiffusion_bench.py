@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -33,7 +34,7 @@ from ediff_jax.text.conditioning import load_text_encoders, unconditional  # noq
 
 def build_denoiser(batch: int, seed: int = 0):
     """Guided D(x, sigma) of the quickstart UNet with random params; returns (D, window)."""
-    config = load_config("configs/quickstart.py")
+    config = load_config(str(Path(__file__).resolve().parents[2] / "configs/quickstart.py"))
     model = build_model(config.model)
     encoders = load_text_encoders(config.text)
     cond = encoders.encode(encoders.params, encoders.tokenize(["a red circle"] * batch))
