@@ -180,6 +180,23 @@ def test_experts_smoke(smoke_workdir, shapes_data_dir, tmp_path):
         losses = [row[f"loss@{s:g}"] for s in (0.1, 1.0, 10.0)]
         assert all(np.isfinite(losses)) and min(losses) > 0
     assert (tmp_path / "workdirs" / "experts3").is_dir() and not (tmp_path / "workdirs" / "experts1").exists()
+    # An ablation spanning sessions: score layout 3 again and keep 1 and 2 from the first call's CSV. Evaluation is
+    # seeded, so the rescored row equals the first call's, and the kept rows are the CSV's, cell for cell.
+    merged_out = tmp_path / "merged"
+    again = ["--smoke", "--experts", "3", "--workdir", f"3={tmp_path / 'workdirs' / 'experts3'}",
+             "--data_dir", shapes_data_dir]
+    merged = experts.main([*again, "--reuse", str(tmp_path / "results.csv"), "--out", str(merged_out)])
+    assert [r["experts"] for r in merged] == [1, 2, 3]
+    first, table = common.read_results(tmp_path), common.read_results(merged_out)
+    for old, new in zip(first, table):
+        assert {k: v for k, v in old.items() if k not in ("sample_seconds", "workdir")} == \
+               {k: v for k, v in new.items() if k not in ("sample_seconds", "workdir")}
+    assert "kept from" in (merged_out / "results.md").read_text()
+    with pytest.raises(ValueError, match=r"scored with seed=0;.*this call with seed=1"):  # other noise: not comparable
+        experts.main([*again, "--seed", "1", "--reuse", str(tmp_path / "results.csv"), "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="no `evaluation` column"):
+        (tmp_path / "old.csv").write_text("experts,train_samples\n1,48\n")
+        experts.main([*again, "--reuse", str(tmp_path / "old.csv"), "--out", str(tmp_path / "x")])
 
 
 def test_experts_refuses_unequal_training_samples(tmp_path):

@@ -13,6 +13,12 @@ each is scored on the same validation prompts from the same noise:
   python experiments/ablations/experts.py --out experiments/results/experts           # trains 3 runs
   python experiments/ablations/experts.py --out DIR --workdir 1=workdirs/e1 --workdir 3=workdirs/e3 --experts 1 3
   python experiments/ablations/experts.py --out /tmp/abl_experts --smoke              # the tests run this
+  python experiments/ablations/experts.py --out DIR --experts 3 --workdir 3=workdirs/e3 --reuse OLD/results.csv
+
+`--reuse` keeps the rows of an earlier call's results.csv for the layouts this call does not
+score, so an ablation whose runs span sessions (workdirs do not always survive) still ends in
+one table. A reused row must come from the same evaluation settings (its `evaluation` column)
+and the same number of training samples; anything else is refused.
 
 Trained runs land in --workdir_root (default workdirs/ablation_experts/experts{E}) and are
 reused when finished, so a rerun only evaluates. Runs given by --workdir must have been
@@ -37,7 +43,50 @@ REFERENCE_COLUMNS = ("one_object_color_shape_strict_accuracy", "one_object_stric
                      "one_object_color_shape_accuracy", "two_object_relation_accuracy", "two_object_ci95",
                      "two_object_relation_strict_accuracy", "two_object_strict_ci95")
 COLUMNS = ("experts", "train_steps", "train_batch", "train_samples", "boundaries", "guidance", *REFERENCE_COLUMNS,
-           *common.ALIGNMENT_COLUMNS, *common.DISTANCE_COLUMNS, "mean_val_loss", "sample_seconds", "workdir")
+           *common.ALIGNMENT_COLUMNS, *common.DISTANCE_COLUMNS, "mean_val_loss", "sample_seconds", "workdir",
+           "evaluation")
+# The arguments that decide a row's figures for a given model: rows are comparable only when they agree.
+EVALUATION_ARGS = ("seed", "num_prompts", "num_per_prompt", "num_relation", "reference_batch", "num_real",
+                   "num_loss", "loss_sigmas", "sampler_steps", "sample_batch", "feature_weights")
+
+
+def evaluation_key(args: Any) -> str:
+    """This call's evaluation settings as one string (the `evaluation` column)."""
+    return ";".join(f"{name}={getattr(args, name)}" for name in EVALUATION_ARGS)
+
+
+def reused_rows(path: Path, skip: Sequence[int], evaluation: str, samples: int) -> list[dict[str, Any]]:
+    """The rows of an earlier results.csv for layouts not in `skip`, checked to be comparable with this call's."""
+    import csv
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--reuse {path}: no such file; give the results.csv of an earlier experts.py call.")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "evaluation" not in rows[0]:
+        raise ValueError(f"--reuse {path}: no `evaluation` column, so its settings are unknown; score those "
+                         "layouts again instead.")
+    kept = []
+    for row in rows:
+        if int(row["experts"]) in skip:
+            continue
+        if row["evaluation"] != evaluation:
+            raise ValueError(f"--reuse {path}: its {row['experts']}-expert row was scored with {row['evaluation']}, "
+                             f"this call with {evaluation}; give the same arguments, or score that layout again.")
+        if int(row["train_samples"]) != samples:
+            raise ValueError(f"--reuse {path}: its {row['experts']}-expert row was trained on {row['train_samples']} "
+                             f"samples, this call's runs on {samples}; this ablation compares equal training samples.")
+        kept.append({k: _parse_cell(v) for k, v in row.items()})
+    return kept
+
+
+def _parse_cell(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def parse_workdirs(items: Sequence[str] | None) -> dict[int, Path]:
@@ -122,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--loss_sigmas", type=float, nargs="+", default=list(DEFAULT_LOSS_SIGMAS))
     p.add_argument("--sampler_steps", type=int, default=None, help="Sampler steps (default: the config's).")
     p.add_argument("--sample_batch", type=int, default=32, help="Images per sampler call.")
+    p.add_argument("--reuse", default=None, metavar="RESULTS_CSV",
+                   help="Keep an earlier call's rows for the layouts not in --experts (same evaluation arguments "
+                        "and training samples, checked).")
     args = p.parse_args(argv)
     common.configure_smoke_runtime(args.smoke)
     smoke_batch = common.smoke_batch() if args.smoke else None
@@ -154,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     check_equal_samples(workdirs)
 
     models = {num: common.load_model(workdir) for num, workdir in workdirs.items()}
+    samples = next(iter(models.values())).train_samples  # equal for all, checked above
+    earlier = reused_rows(Path(args.reuse), args.experts, evaluation_key(args), samples) if args.reuse else []
     size = next(iter(models.values())).image_size
     evaluator = common.Evaluator(size, args.num_real, args.feature_weights)
     _, prompts = common.validation_examples(args.num_prompts, size)
@@ -181,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             # after the validation-caption scores, whose aggregate has keys of these names too
             **{k: strict_lenient[k] for k in REFERENCE_COLUMNS}, "mean_val_loss": sum(losses) / len(losses),
             **{f"{LOSS_COLUMNS_PREFIX}{s:g}": v for s, v in zip(args.loss_sigmas, losses)},
-            "sample_seconds": sample_seconds, "workdir": str(model.workdir),
+            "sample_seconds": sample_seconds, "workdir": str(model.workdir), "evaluation": evaluation_key(args),
         })
         curves[f"{num} expert{'s' if num > 1 else ''}"] = (list(args.loss_sigmas), losses)
         grids.append(images[:8])
@@ -192,6 +246,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     import numpy as np
 
+    for row in earlier:
+        curves[f"{row['experts']} expert{'s' if row['experts'] > 1 else ''}"] = (
+            list(args.loss_sigmas), [row[f"{LOSS_COLUMNS_PREFIX}{s:g}"] for s in args.loss_sigmas])
+    rows = sorted([*rows, *earlier], key=lambda row: row["experts"])
+    curves = dict(sorted(curves.items(), key=lambda item: int(item[0].split()[0])))
     columns = [*COLUMNS[:-2], *(f"{LOSS_COLUMNS_PREFIX}{s:g}" for s in args.loss_sigmas), *COLUMNS[-2:]]
     source = ("tiny smoke runs (--smoke): numbers meaningless, the pipeline is real" if args.smoke else
               "the given workdirs" if given else "configs/experts.py (the quickstart UNet)")
@@ -205,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"`loss@s`: EDM-weighted denoising loss on {args.num_loss} other validation images at sigma = s.",
         f"Command: `{common.command('experts.py', argv)}`. {clock.summary()}.",
     ]
+    if earlier:
+        notes.append(f"Rows for {', '.join(str(r['experts']) for r in earlier)} experts: kept from {args.reuse} "
+                     "(an earlier call's, the same evaluation arguments and training samples; its samples are not "
+                     "in samples.png).")
     common.write_results(out, rows, columns, "Experts vs no experts at equal training samples", notes)
     common.plot_metrics(rows, "experts", ["all_ok_accuracy", "frechet_distance", "mean_val_loss"],
                         out / "metrics.png", title="Expert layouts at equal training samples", bar=True)
