@@ -28,13 +28,17 @@ equal length; with `branch_from=WORKDIR@STEP` the run starts from that workdir's
 STEP (its shared phase) and branches there (`config.experts.init_from`), so layouts share one shared
 phase. Use `minutes=0,steps=N` for equal training samples: the phases are counted in steps.
 `boundary_sigma=S` (or `boundary_snr=R`, sigma = sigma_data / sqrt(R), Wan 2.2's way) puts the boundary of
-experts=2 there instead of at the median of p(sigma).
+experts=2 there instead of at the median of p(sigma). `boundary_loss=true` (with branch_from) branches the
+shared model straight into E experts of equal loss mass, from the per-sigma training loss the shared run
+logged over its last 1000 steps (`experts.loss_mass_boundaries`): boundaries from data, not from p(sigma).
 """
 
 from pathlib import Path
 
 from ediff_jax.config_utils import (base_config, expert_schedule, layout_split_at_sigmas, load_config, parse_arg,
                                     parse_init_from)
+from ediff_jax.experts import loss_mass_boundaries
+from ediff_jax.metrics import read_bucket_losses
 
 
 def get_config(arg: str | None = None):
@@ -43,7 +47,7 @@ def get_config(arg: str | None = None):
     # Reproduce the pre-#15 reference with coord=false,p_mean=-1.2,p_std=1.2,relations=1,steps=6800.
     args = parse_arg(arg, steps=16000, batch=16, minutes=60.0, xattn32=False, coord=True, channels=32,
                       p_mean=0.0, p_std=1.6, relations=3, experts=1, branch_from="",
-                      boundary_sigma=0.0, boundary_snr=0.0, decay=0.0)
+                      boundary_sigma=0.0, boundary_snr=0.0, boundary_loss=False, decay=0.0)
     c = load_config(f"{Path(__file__).with_name('quickstart.py')}:steps={args.steps},batch={args.batch}")
     c.data.text_cache = True
     c.data.relation_repeats = args.relations
@@ -77,6 +81,14 @@ def get_config(arg: str | None = None):
             raise ValueError("boundary_sigma= or boundary_snr= (one of them) places the one boundary of experts=2.")
         sigma = args.boundary_sigma or c.edm.sigma_data / args.boundary_snr ** 0.5
         c.experts.phases = layout_split_at_sigmas([sigma], c.edm.p_mean, c.edm.p_std)
+    if args.boundary_loss:  # boundaries from the shared run's measured per-sigma loss
+        if args.experts == 1 or not args.branch_from or args.boundary_sigma or args.boundary_snr:
+            raise ValueError("boundary_loss=true splits a trained shared model by its logged loss: give experts=2 or "
+                             "3 and branch_from=WORKDIR@STEP, without boundary_sigma= or boundary_snr=.")
+        workdir, step = parse_init_from(args.branch_from)
+        sigmas = loss_mass_boundaries(*read_bucket_losses(workdir, step), args.experts, c.edm.p_mean, c.edm.p_std)
+        c.experts.phases = layout_split_at_sigmas(sigmas, c.edm.p_mean, c.edm.p_std)
+        c.experts.phase_steps = (step, args.steps - step)  # shared, then the E experts
     c.experts.init_from = args.branch_from
     if args.experts > 1:  # post-hoc EMA snapshots cannot cross a branch (config_utils refuses them)
         c.train.posthoc_ema.gammas, c.train.posthoc_ema.every = (), 0

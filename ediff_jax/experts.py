@@ -15,6 +15,7 @@ function of the training distribution and are stored with the checkpoint.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import chex
@@ -199,6 +200,47 @@ def sample_interval_sigmas(rng: jax.Array, shape: Sequence[int], interval: Inter
     # Keep u strictly inside (0, 1): ndtri(0) = -inf.
     u = jnp.clip(u, 1e-7, 1 - 1e-7)
     return sigma_at_quantile(u, p_mean, p_std)
+
+
+def loss_mass_boundaries(edges: Sequence[float], losses: Sequence[float], num_experts: int,
+                         p_mean: float, p_std: float) -> np.ndarray:
+    """Sigmas that split p(sigma) into `num_experts` intervals of equal *loss mass*, the integral of
+    p(sigma) L(sigma), with L the shared model's measured loss, constant on each bucket
+    [edges[i], edges[i+1]) (edges from 0 to inf, as the trainer logs them).
+
+    Equal-mass quantiles give each expert the same share of the noise levels; this gives each the
+    same share of what is left to learn, so experts crowd where the loss is. Within a bucket the
+    loss mass grows with the p(sigma) mass, so the boundary is a closed-form quantile there.
+    """
+    from statistics import NormalDist
+
+    edges, losses = [float(e) for e in edges], [float(v) for v in losses]
+    if len(edges) != len(losses) + 1 or edges[0] != 0.0 or edges[-1] != math.inf or sorted(edges) != edges:
+        raise ValueError(f"Loss buckets need edges 0 < ... < inf, one more than the losses; got {edges} for "
+                         f"{len(losses)} losses.")
+    if num_experts < 2:
+        raise ValueError(f"num_experts={num_experts}: loss-mass boundaries split p(sigma) for 2 or more experts.")
+    normal = NormalDist()
+    cdf = [0.0, *(normal.cdf((math.log(e) - p_mean) / p_std) for e in edges[1:-1]), 1.0]
+    mass = [hi - lo for lo, hi in zip(cdf, cdf[1:])]
+    bad = [f"{lo:g}-{hi:g}" for lo, hi, m, v in zip(edges, edges[1:], mass, losses)
+           if m > 1e-6 and not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise ValueError(f"The measured loss is missing or invalid in the sigma buckets {bad}, which p(sigma) "
+                         "samples; train the shared model longer so every bucket is logged.")
+    weighted = [m * v if m > 1e-6 else 0.0 for m, v in zip(mass, losses)]
+    total = sum(weighted)
+    if not total > 0:
+        raise ValueError("The measured loss is 0 everywhere: no loss mass to split.")
+    sigmas, below = [], 0.0
+    targets = [total * k / num_experts for k in range(1, num_experts)]
+    for i, w in enumerate(weighted):
+        while targets and below + w >= targets[0] and w > 0:
+            q = cdf[i] + (targets.pop(0) - below) / w * mass[i]
+            q = min(max(q, 1e-7), 1 - 1e-7)
+            sigmas.append(math.exp(p_mean + p_std * normal.inv_cdf(q)))
+        below += w
+    return np.asarray(sigmas, np.float64)
 
 
 def quantile_of_sigma(sigma: Any, p_mean: float, p_std: float) -> jax.Array:

@@ -54,3 +54,34 @@ class MetricWriter:
             with self._tb.as_default(step=int(step)):
                 self._tf.summary.image(name, image[None])
             self._tb.flush()
+
+
+BUCKET_PREFIX = "loss/sigma_"
+
+
+def read_bucket_losses(workdir: str | os.PathLike, step: int, window: int = 1000) -> tuple[list[float], list[float]]:
+    """The training loss per sigma bucket that a run logged over the steps (step - window, step]:
+    (edges from 0 to inf, the mean loss of each bucket). What `experts.loss_mass_boundaries` splits.
+
+    Read from `workdir/metrics.jsonl` (the bucket names carry their edges, `loss/sigma_LO-HI`).
+    """
+    path = as_path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: loss-based expert boundaries need the shared run's logged "
+                                "per-sigma losses; train the shared phase into that workdir first.")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}, line {number}, is not JSON; the file is damaged.") from None
+        if step - window < int(row.get("step", -1)) <= step and any(k.startswith(BUCKET_PREFIX) for k in row):
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} logs no per-sigma losses between steps {step - window} and {step}; name a step the "
+                         "shared run reached (WORKDIR@STEP).")
+    names = sorted({k for row in rows for k in row if k.startswith(BUCKET_PREFIX)},
+                   key=lambda k: float(k[len(BUCKET_PREFIX):].split("-")[0]))
+    edges = [float(k[len(BUCKET_PREFIX):].split("-")[0]) for k in names] + [float(names[-1].split("-")[-1])]
+    losses = [float(np.nanmean([row.get(k, np.nan) for row in rows])) for k in names]
+    return edges, losses

@@ -259,6 +259,62 @@ def test_boundaries_placed_at_given_sigmas():
         layout_split_at_sigmas([1e9], p_mean, p_std)
 
 
+def test_loss_mass_boundaries_closed_forms():
+    """Equal loss in every bucket: the boundaries are p(sigma)'s equal-mass quantiles. Loss in one bucket only:
+    every boundary lies inside it, at p(sigma)'s quantiles within the bucket. Gaps in the data are refused."""
+    import math
+    from statistics import NormalDist
+
+    p_mean, p_std = 0.0, 1.6
+    edges = [0.0, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, math.inf]
+    thirds = experts.boundaries_from_intervals(((0.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0)), p_mean, p_std)
+    np.testing.assert_allclose(experts.loss_mass_boundaries(edges, [0.3] * 7, 3, p_mean, p_std), thirds, rtol=1e-5)
+    phi = lambda s: NormalDist().cdf((math.log(s) - p_mean) / p_std)
+    lo, hi = phi(1.0), phi(2.0)
+    quartiles = [math.exp(p_mean + p_std * NormalDist().inv_cdf(lo + k * (hi - lo) / 4)) for k in (1, 2, 3)]
+    one_bucket = [0, 0, 0, 0, 0.7, 0, 0]
+    np.testing.assert_allclose(experts.loss_mass_boundaries(edges, one_bucket, 4, p_mean, p_std), quartiles, rtol=1e-9)
+    with pytest.raises(ValueError, match=r"missing or invalid in the sigma buckets \['0.5-1'\]"):
+        experts.loss_mass_boundaries(edges, [0.1, 0.1, 0.1, float("nan"), 0.1, 0.1, 0.1], 2, p_mean, p_std)
+    with pytest.raises(ValueError, match="edges 0 < ... < inf"):
+        experts.loss_mass_boundaries(edges[:-1], [0.1] * 7, 2, p_mean, p_std)
+
+
+def test_loss_boundaries_from_a_shared_runs_log(tmp_path):
+    """configs/shapes_benchmark.py:boundary_loss=true reads the shared run's metrics.jsonl: the bucket losses
+    logged in the last 1000 steps up to the branch step (later and earlier lines ignored), split into E experts
+    of equal loss mass, straight after the shared phase. Missing data is refused before any training."""
+    import json
+
+    from ediff_jax.metrics import read_bucket_losses
+
+    names = ["loss/sigma_0-0.05", "loss/sigma_0.05-0.2", "loss/sigma_0.2-0.5", "loss/sigma_0.5-1", "loss/sigma_1-2",
+             "loss/sigma_2-5", "loss/sigma_5-inf"]
+    lines = [{"step": 100, "loss": 9.0},  # no buckets: not a training log line
+             {"step": 500, **dict(zip(names, [5.0] * 7))},  # before the window (step 1600 - 1000)
+             {"step": 1000, **dict(zip(names, [0.2, 0.1, 0.1, 0.1, 0.1, 0.2, 0.3]))},
+             {"step": 1600, **dict(zip(names, [0.4, 0.1, 0.1, 0.1, 0.3, 0.2, 0.5]))},
+             {"step": 1700, **dict(zip(names, [9.0] * 7))}]  # after the branch step
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    edges, losses = read_bucket_losses(tmp_path, 1600)
+    assert edges[0] == 0.0 and edges[-1] == float("inf") and edges[1:-1] == [0.05, 0.2, 0.5, 1.0, 2.0, 5.0]
+    np.testing.assert_allclose(losses, [0.3, 0.1, 0.1, 0.1, 0.2, 0.2, 0.4])
+    c = load_config(f"{REPO / 'configs/shapes_benchmark.py'}:experts=3,branch_from={tmp_path}@1600,steps=4000,"
+                    "minutes=0,boundary_loss=true")
+    assert c.experts.phase_steps == (1600, 2400) and len(c.experts.phases) == 2
+    from ediff_jax.config_utils import validate_config
+    validate_config(c)
+    np.testing.assert_allclose(experts.boundaries_from_intervals(c.experts.phases[1], c.edm.p_mean, c.edm.p_std),
+                               experts.loss_mass_boundaries(edges, losses, 3, c.edm.p_mean, c.edm.p_std), rtol=1e-5)
+    with pytest.raises(ValueError, match="logs no per-sigma losses between steps -900 and 100"):
+        read_bucket_losses(tmp_path, 100)
+    with pytest.raises(FileNotFoundError, match="train the shared phase into that workdir first"):
+        load_config(f"{REPO / 'configs/shapes_benchmark.py'}:experts=2,branch_from={tmp_path / 'none'}@1600,"
+                    "boundary_loss=true")
+    with pytest.raises(ValueError, match="give experts=2 or 3 and branch_from"):
+        load_config(f"{REPO / 'configs/shapes_benchmark.py'}:experts=2,boundary_loss=true")
+
+
 def test_interval_sigmas_and_equal_mass_boundaries():
     p_mean, p_std = -1.2, 1.2
     (b,) = experts.boundaries_from_intervals([(0.0, 0.5), (0.5, 1.0)], p_mean, p_std)
