@@ -25,7 +25,9 @@ class Chip:
 
 CHIPS = {
     "v4": Chip("v4", "TPU v4", KNOWN_PEAKS["TPU v4"], 32 * 2**30, None),
-    "v5e": Chip("v5e", "TPU v5 lite", KNOWN_PEAKS["TPU v5 lite"], 16 * 10**9, 1600e9 / 8),
+    # "16 GB" on the page is GiB: the TPU compiler's out-of-memory message gives v5e 15.75 GiB available,
+    # more than 16e9 bytes (14.9 GiB), which would call programs it accepts too big.
+    "v5e": Chip("v5e", "TPU v5 lite", KNOWN_PEAKS["TPU v5 lite"], 16 * 2**30, 1600e9 / 8),
     "v5p": Chip("v5p", "TPU v5", KNOWN_PEAKS["TPU v5p"], 95 * 2**30, 4800e9 / 8),
     "v6e": Chip("v6e", "TPU v6 lite", KNOWN_PEAKS["TPU v6 lite"], 32 * 10**9, 3584e9 / 8),
 }
