@@ -56,7 +56,7 @@ class MetricWriter:
             self._tb.flush()
 
 
-BUCKET_PREFIX = "loss/sigma_"
+BUCKET_PREFIX = "loss/sigma_"  # the trainer's per-sigma-bucket losses (`training.sigma_bucket_names`)
 
 
 def read_bucket_losses(workdir: str | os.PathLike, step: int, window: int = 1000) -> tuple[list[float], list[float]]:

@@ -13,6 +13,7 @@ import optax
 
 from ediff_jax import edm, experts, parallel, sr
 from ediff_jax import ema as ema_lib
+from ediff_jax.metrics import BUCKET_PREFIX
 from ediff_jax.text.conditioning import dropout_conditioning
 from ediff_jax.training.experiment import Experiment, TrainState
 
@@ -23,7 +24,7 @@ SIGMA_BUCKETS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 def sigma_bucket_names() -> list[str]:
     edges = ["0", *[f"{e:g}" for e in SIGMA_BUCKETS], "inf"]
-    return [f"loss/sigma_{lo}-{hi}" for lo, hi in zip(edges, edges[1:])]
+    return [f"{BUCKET_PREFIX}{lo}-{hi}" for lo, hi in zip(edges, edges[1:])]
 
 
 def bucket_sums(loss: jax.Array, sigma: jax.Array, weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -78,8 +79,8 @@ def make_update(exp: Experiment) -> Callable[..., tuple]:
             (loss, per_example), grads = grad_fn(params, images, cond, sigma, noise, r_dropout, weight, norm)
         else:
             micro = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
-            xs = (micro(images), jax.tree.map(micro, cond), micro(sigma), micro(noise), jax.random.split(r_dropout, accum),
-                  None if weight is None else micro(weight))
+            xs = (micro(images), jax.tree.map(micro, cond), micro(sigma), micro(noise),
+                  jax.random.split(r_dropout, accum), None if weight is None else micro(weight))
 
             def body(total: Any, batch: tuple) -> tuple:
                 (_, per), g = grad_fn(params, *batch, norm)
@@ -122,7 +123,8 @@ def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, An
 
     For an ensemble, the batch is split into equal shares, one per expert, each with sigmas
     drawn from that expert's interval (when E does not divide the batch, the shares are padded
-    with examples of weight 0 and the shorter ones rotate over the experts, `experts.expert_shares`), and the per-expert update is vmapped over the
+    with examples of weight 0 and the shorter ones rotate over the experts,
+    `experts.expert_shares`), and the per-expert update is vmapped over the
     stacked expert axis (or `lax.map`ped, see `config.experts.train_map`): all experts train
     in one compiled step, and independently (each has its own gradient clipping and
     optimizer state, exactly as E separate runs would).
@@ -151,6 +153,7 @@ def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, An
         noise = jax.random.normal(r_noise, images.shape, images.dtype)
         args = (state.params, state.opt_state, state.ema_params)
         if intervals is None:
+            weight = None  # every example counts
             sigma = edm.sample_training_sigmas(r_sigma, (images.shape[0],), p_mean, p_std)
             params, opt_state, ema, loss, grad_norm, per_example = update(*args, images, cond, sigma, noise,
                                                                           r_dropout, state.step)
@@ -178,8 +181,7 @@ def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, An
             metrics = {"loss": jnp.mean(loss), "grad_norm": jnp.sqrt(jnp.sum(grad_norm ** 2)),
                        **{f"loss/expert_{k}": loss[k] for k in range(e)}}
         metrics["lr"] = exp.schedule(state.step)
-        metrics["bucket_loss_sum"], metrics["bucket_count"] = bucket_sums(
-            per_example, sigma, None if intervals is None else weight)
+        metrics["bucket_loss_sum"], metrics["bucket_count"] = bucket_sums(per_example, sigma, weight)
         extra = tuple(ema_lib.ema_step(tracked, params, state.step, decay)
                       for tracked, decay in zip(state.extra_emas, extra_decays))
         power = tuple(ema_lib.power_ema_update(tracked, params, state.step, gamma)
