@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from statistics import NormalDist
 
 from typing import Sequence
 
@@ -388,6 +389,18 @@ def expert_schedule(num_experts: int, num_steps: int, shared_steps: int | None =
     return phases, (shared_steps, *(base + (1 if i < extra else 0) for i in range(len(phases) - 1)))
 
 
+def p_sigma_cdf(sigma: float, p_mean: float, p_std: float) -> float:
+    """P(sigma' <= sigma) under the lognormal training distribution, in float64 and without JAX, so
+    configs can place expert boundaries before JAX loads (`experts.quantile_of_sigma` is the traced
+    float32 twin)."""
+    return NormalDist(p_mean, p_std).cdf(math.log(sigma))
+
+
+def p_sigma_quantile(q: float, p_mean: float, p_std: float) -> float:
+    """The sigma at quantile q in (0, 1) of the lognormal training distribution (float64, no JAX)."""
+    return math.exp(NormalDist(p_mean, p_std).inv_cdf(q))
+
+
 def layout_split_at_sigmas(sigmas: Sequence[float], p_mean: float, p_std: float) -> tuple:
     """Phases (shared model, then len(sigmas) + 1 experts) whose boundaries are these sigmas.
 
@@ -399,8 +412,7 @@ def layout_split_at_sigmas(sigmas: Sequence[float], p_mean: float, p_std: float)
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(not (math.isfinite(s) and s > 0) for s in sigmas) or sorted(set(sigmas)) != sigmas:
         raise ValueError(f"Expert boundaries {sigmas} must be positive, finite sigmas in ascending order.")
-    cdf = lambda s: 0.5 * (1.0 + math.erf((math.log(s) - p_mean) / (p_std * math.sqrt(2.0))))  # noqa: E731
-    edges = [0.0, *(cdf(s) for s in sigmas), 1.0]
+    edges = [0.0, *(p_sigma_cdf(s, p_mean, p_std) for s in sigmas), 1.0]
     if any(not 1e-6 < q < 1 - 1e-6 for q in edges[1:-1]):
         raise ValueError(f"Expert boundaries {sigmas} leave an interval that p(sigma) (lognormal {p_mean:g}, "
                          f"{p_std:g}) almost never samples; pick sigmas inside its range.")

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtr, ndtri
 
+from ediff_jax.config_utils import p_sigma_cdf, p_sigma_quantile
+
 Interval = tuple[float, float]  # (lo, hi) quantiles of p(sigma), 0 <= lo < hi <= 1
 
 
@@ -212,16 +214,13 @@ def loss_mass_boundaries(edges: Sequence[float], losses: Sequence[float], num_ex
     same share of what is left to learn, so experts crowd where the loss is. Within a bucket the
     loss mass grows with the p(sigma) mass, so the boundary is a closed-form quantile there.
     """
-    from statistics import NormalDist
-
     edges, losses = [float(e) for e in edges], [float(v) for v in losses]
     if len(edges) != len(losses) + 1 or edges[0] != 0.0 or edges[-1] != math.inf or sorted(edges) != edges:
         raise ValueError(f"Loss buckets need edges 0 < ... < inf, one more than the losses; got {edges} for "
                          f"{len(losses)} losses.")
     if num_experts < 2:
         raise ValueError(f"num_experts={num_experts}: loss-mass boundaries split p(sigma) for 2 or more experts.")
-    normal = NormalDist()
-    cdf = [0.0, *(normal.cdf((math.log(e) - p_mean) / p_std) for e in edges[1:-1]), 1.0]
+    cdf = [0.0, *(p_sigma_cdf(e, p_mean, p_std) for e in edges[1:-1]), 1.0]
     mass = [hi - lo for lo, hi in zip(cdf, cdf[1:])]
     bad = [f"{lo:g}-{hi:g}" for lo, hi, m, v in zip(edges, edges[1:], mass, losses)
            if m > 1e-6 and not (math.isfinite(v) and v >= 0)]
@@ -238,7 +237,7 @@ def loss_mass_boundaries(edges: Sequence[float], losses: Sequence[float], num_ex
         while targets and below + w >= targets[0] and w > 0:
             q = cdf[i] + (targets.pop(0) - below) / w * mass[i]
             q = min(max(q, 1e-7), 1 - 1e-7)
-            sigmas.append(math.exp(p_mean + p_std * normal.inv_cdf(q)))
+            sigmas.append(p_sigma_quantile(q, p_mean, p_std))
         below += w
     return np.asarray(sigmas, np.float64)
 

@@ -166,7 +166,9 @@ def test_experts_smoke(smoke_workdir, shapes_data_dir, tmp_path):
     """Experts 1/2/3 at equal samples: a row per layout, E-1 sigma boundaries each, finite per-sigma losses."""
     rows = experts.main(["--smoke", "--workdir", f"1={smoke_workdir}", "--data_dir", shapes_data_dir,
                          "--out", str(tmp_path)])
-    check_outputs(tmp_path, rows, "experts", [1, 2, 3], ["metrics.png", "val_loss_vs_sigma.png", "samples.png"])
+    check_outputs(tmp_path, rows, "layout", ["1", "2", "3"], ["metrics.png", "val_loss_vs_sigma.png", "samples.png"])
+    # each expert is a whole UNet (stacked), so E experts hold E times one model's weights
+    assert [row["parameters"] for row in rows] == [rows[0]["parameters"] * e for e in (1, 2, 3)]
     assert len({r["train_samples"] for r in rows}) == 1
     assert [r["boundaries"] for r in rows][0] == "-"
     assert [len(r["boundaries"].split("/")) for r in rows[1:]] == [1, 2]
@@ -222,8 +224,35 @@ def test_experts_refuses_unequal_training_samples(tmp_path):
     ckpt.save(3, {"w": np.zeros(2, np.float32)}, {"progress": {}}, force=True)
     ckpt.close()
     experts.check_equal_samples({1: tmp_path / "e1", 2: tmp_path / "e2"})
-    with pytest.raises(ValueError, match="1 experts: 3 steps x batch 24"):
+    with pytest.raises(ValueError, match="1 model: 3 steps x batch 24"):
         experts.check_equal_samples({1: tmp_path / "e1"}, samples=6 * 24)
+
+
+def test_experts_rows_are_keyed_by_layout_label(tmp_path, capsys):
+    """A variant of an expert count (1-wide: the capacity row) is its own row: labels parse, a reused table keeps
+    the rows this call does not score by label (an old table's rows, keyed by count, get their count as label),
+    and a named variant is never trained from a default config."""
+    assert experts.parse_layout("2") == (2, "2") and experts.parse_layout(" 1-wide ") == (1, "1-wide")
+    assert experts.layout_name("1") == "1 model" and experts.layout_name("3") == "3 experts"
+    assert experts.layout_name("1-wide") == "1 model (wide)"
+    for bad in ("4", "x", "1-", "1-a b", "2-wide/x"):
+        with pytest.raises(ValueError, match="expert count 1, 2 or 3"):
+            experts.parse_layout(bad)
+    assert experts.parse_workdirs(["1-wide=runs/w", "3=runs/e3"]) == {"1-wide": Path("runs/w"), "3": Path("runs/e3")}
+    table = tmp_path / "old.csv"
+    table.write_text("experts,train_samples,evaluation,two_object_relation_accuracy\n"
+                     "1,48,E,0.5\n2,48,E,0.6\n3,48,E,0.7\n")
+    kept = experts.reused_rows(table, ["3", "1-wide"], "E", 48)
+    assert [(r["layout"], r["experts"], r["parameters"]) for r in kept] == [("1", 1, "-"), ("2", 2, "-")]
+    with pytest.raises(ValueError, match="its 2 row was trained on 48"):
+        experts.reused_rows(table, ["1"], "E", 96)
+    for argv, message in ((["--experts", "1-wide"], "named variant is not trained here; give its run with --workdir "
+                                                    "1-wide=PATH"),
+                          (["--experts", "1", "--workdir", "2=runs/e2"], "--workdir given for ['2']")):
+        with pytest.raises(SystemExit):
+            experts.main(["--smoke", *argv, "--out", str(tmp_path / "x")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x" / "results.csv").exists()
 
 
 def test_sample_batched_pads_chunks_and_offsets_seeds():

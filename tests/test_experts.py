@@ -259,6 +259,21 @@ def test_boundaries_placed_at_given_sigmas():
         layout_split_at_sigmas([1e9], p_mean, p_std)
 
 
+def test_p_sigma_float64_pair_matches_traced_pair():
+    """config_utils' float64 CDF/quantile of p(sigma) (used by configs and loss-mass boundaries, no JAX)
+    agree with experts' traced float32 pair, invert each other, and put the median at exp(p_mean)."""
+    from ediff_jax.config_utils import p_sigma_cdf, p_sigma_quantile
+
+    p_mean, p_std = -1.2, 1.2
+    sigmas = [0.002, 0.05, 0.3, 1.0, 5.22, 80.0]
+    qs = [p_sigma_cdf(s, p_mean, p_std) for s in sigmas]
+    np.testing.assert_allclose(qs, experts.quantile_of_sigma(np.asarray(sigmas), p_mean, p_std), atol=1e-6)
+    np.testing.assert_allclose([p_sigma_quantile(q, p_mean, p_std) for q in qs], sigmas, rtol=1e-9)
+    np.testing.assert_allclose(p_sigma_quantile(0.5, p_mean, p_std), np.exp(p_mean), rtol=1e-12)
+    np.testing.assert_allclose(p_sigma_quantile(0.9, p_mean, p_std),
+                               experts.sigma_at_quantile(0.9, p_mean, p_std), rtol=1e-5)
+
+
 def test_loss_mass_boundaries_closed_forms():
     """Equal loss in every bucket: the boundaries are p(sigma)'s equal-mass quantiles. Loss in one bucket only:
     every boundary lies inside it, at p(sigma)'s quantiles within the bucket. Gaps in the data are refused."""

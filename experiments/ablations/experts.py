@@ -14,11 +14,16 @@ each is scored on the same validation prompts from the same noise:
   python experiments/ablations/experts.py --out DIR --workdir 1=workdirs/e1 --workdir 3=workdirs/e3 --experts 1 3
   python experiments/ablations/experts.py --out /tmp/abl_experts --smoke              # the tests run this
   python experiments/ablations/experts.py --out DIR --experts 3 --workdir 3=workdirs/e3 --reuse OLD/results.csv
+  python experiments/ablations/experts.py --out DIR --experts 1-wide --workdir 1-wide=workdirs/w45 --reuse OLD/results.csv
 
 `--reuse` keeps the rows of an earlier call's results.csv for the layouts this call does not
 score, so an ablation whose runs span sessions (workdirs do not always survive) still ends in
 one table. A reused row must come from the same evaluation settings (its `evaluation` column)
 and the same number of training samples; anything else is refused.
+
+A row is keyed by its layout label: the expert count E, or E-NAME for a variant of the same
+count given by --workdir (e.g. `1-wide`, one wider model with the ensemble's parameter count:
+are experts more than parameters?). The `parameters` column counts every expert's weights.
 
 Trained runs land in --workdir_root (default workdirs/ablation_experts/experts{E}) and are
 reused when finished, so a rerun only evaluates. Runs given by --workdir must have been
@@ -42,7 +47,7 @@ LOSS_COLUMNS_PREFIX = "loss@"
 REFERENCE_COLUMNS = ("one_object_color_shape_strict_accuracy", "one_object_strict_ci95",
                      "one_object_color_shape_accuracy", "two_object_relation_accuracy", "two_object_ci95",
                      "two_object_relation_strict_accuracy", "two_object_strict_ci95")
-COLUMNS = ("experts", "train_steps", "train_batch", "train_samples", "boundaries", "guidance", *REFERENCE_COLUMNS,
+COLUMNS = ("layout", "experts", "parameters", "train_steps", "train_batch", "train_samples", "boundaries", "guidance", *REFERENCE_COLUMNS,
            *common.ALIGNMENT_COLUMNS, *common.DISTANCE_COLUMNS, "mean_val_loss", "sample_seconds", "workdir",
            "evaluation")
 # The arguments that decide a row's figures for a given model: rows are comparable only when they agree.
@@ -55,8 +60,29 @@ def evaluation_key(args: Any) -> str:
     return ";".join(f"{name}={getattr(args, name)}" for name in EVALUATION_ARGS)
 
 
-def reused_rows(path: Path, skip: Sequence[int], evaluation: str, samples: int) -> list[dict[str, Any]]:
-    """The rows of an earlier results.csv for layouts not in `skip`, checked to be comparable with this call's."""
+def parse_layout(text: Any) -> tuple[int, str]:
+    """'2' -> (2, '2'); '1-wide' -> (1, '1-wide'): the expert count and the row's label."""
+    count, sep, name = str(text).strip().partition("-")
+    if not count.isdigit() or int(count) not in (1, 2, 3) or (sep and not name.replace("_", "").isalnum()):
+        raise ValueError(f"Layout {text!r} must be an expert count 1, 2 or 3, or COUNT-NAME for a variant "
+                         "(e.g. 1-wide), NAME of letters, digits and _.")
+    return int(count), f"{int(count)}{sep}{name}"
+
+
+def layout_name(label: str) -> str:
+    """'1' -> '1 model', '3' -> '3 experts', '1-wide' -> '1 model (wide)': legends and notes."""
+    count, name = parse_layout(label)[0], str(label).partition("-")[2]
+    return (f"{count} expert{'s' if count > 1 else ''}" if count > 1 else "1 model") + (f" ({name})" if name else "")
+
+
+def _layout_order(label: str) -> tuple[int, str]:
+    return parse_layout(label)[0], str(label)
+
+
+def reused_rows(path: Path, skip: Sequence[str], evaluation: str, samples: int) -> list[dict[str, Any]]:
+    """The rows of an earlier results.csv for layouts not in `skip`, checked to be comparable with this call's.
+
+    Tables written before rows had labels key each row by its expert count, and have no parameter count."""
     import csv
 
     if not path.is_file():
@@ -68,15 +94,17 @@ def reused_rows(path: Path, skip: Sequence[int], evaluation: str, samples: int) 
                          "layouts again instead.")
     kept = []
     for row in rows:
-        if int(row["experts"]) in skip:
+        label = parse_layout(row.get("layout") or row["experts"])[1]
+        if label in skip:
             continue
         if row["evaluation"] != evaluation:
-            raise ValueError(f"--reuse {path}: its {row['experts']}-expert row was scored with {row['evaluation']}, "
+            raise ValueError(f"--reuse {path}: its {label} row was scored with {row['evaluation']}, "
                              f"this call with {evaluation}; give the same arguments, or score that layout again.")
         if int(row["train_samples"]) != samples:
-            raise ValueError(f"--reuse {path}: its {row['experts']}-expert row was trained on {row['train_samples']} "
+            raise ValueError(f"--reuse {path}: its {label} row was trained on {row['train_samples']} "
                              f"samples, this call's runs on {samples}; this ablation compares equal training samples.")
-        kept.append({k: _parse_cell(v) for k, v in row.items()})
+        kept.append({**{k: _parse_cell(v) for k, v in row.items()}, "layout": label,
+                     "parameters": _parse_cell(row.get("parameters") or "-")})
     return kept
 
 
@@ -89,18 +117,19 @@ def _parse_cell(text: str) -> Any:
     return text
 
 
-def parse_workdirs(items: Sequence[str] | None) -> dict[int, Path]:
-    """['1=path', '3=path'] -> {1: Path, 3: Path}."""
-    out: dict[int, Path] = {}
+def parse_workdirs(items: Sequence[str] | None) -> dict[str, Path]:
+    """['1=path', '3=path', '1-wide=path'] -> {'1': Path, '3': Path, '1-wide': Path}."""
+    out: dict[str, Path] = {}
     for item in items or ():
         key, sep, path = str(item).partition("=")
-        if not sep or not key.strip().isdigit() or not path.strip():
-            raise ValueError(f"--workdir {item!r} must look like E=PATH, e.g. --workdir 3=workdirs/experts3.")
-        out[int(key)] = Path(path.strip()).expanduser()
+        if not sep or not path.strip():
+            raise ValueError(f"--workdir {item!r} must look like E=PATH, e.g. --workdir 3=workdirs/experts3 "
+                             "(or E-NAME=PATH for a variant, e.g. 1-wide=workdirs/wide).")
+        out[parse_layout(key)[1]] = Path(path.strip()).expanduser()
     return out
 
 
-def check_equal_samples(workdirs: dict[int, Path], samples: int | None = None) -> None:
+def check_equal_samples(workdirs: dict[str, Path], samples: int | None = None) -> None:
     """The ablation compares layouts at equal training samples; refuse runs that differ (or differ from `samples`).
 
     A run's samples are its newest checkpoint's step x batch: a time-boxed run stops before
@@ -110,16 +139,16 @@ def check_equal_samples(workdirs: dict[int, Path], samples: int | None = None) -
     from ediff_jax.workdirs import read_workdir_config
 
     trained = {}
-    for num, workdir in workdirs.items():
+    for label, workdir in workdirs.items():
         config = read_workdir_config(workdir)
         layout = len(config.experts.phases[-1]) if config.experts.phases else 1
-        if layout != num:
-            raise ValueError(f"{workdir} holds a {layout}-expert run, but was given as --workdir {num}=...")
+        if layout != parse_layout(label)[0]:
+            raise ValueError(f"{workdir} holds a {layout}-expert run, but was given as --workdir {label}=...")
         steps = kept_steps(workdir)
-        trained[num] = (steps[-1] if steps else int(config.train.num_steps), int(config.train.batch_size))
+        trained[label] = (steps[-1] if steps else int(config.train.num_steps), int(config.train.batch_size))
     totals = {s * b for s, b in trained.values()} | ({samples} if samples is not None else set())
     if len(totals) > 1:
-        listing = ", ".join(f"{e} experts: {s} steps x batch {b}" for e, (s, b) in sorted(trained.items()))
+        listing = ", ".join(f"{layout_name(e)}: {s} steps x batch {b}" for e, (s, b) in sorted(trained.items()))
         target = f" and --steps x --batch = {samples}" if samples is not None else ""
         raise ValueError(f"The runs were trained on different numbers of samples ({listing}{target}); this ablation "
                          "compares expert layouts at equal training samples. Train them with the same --steps and "
@@ -151,12 +180,13 @@ def denoising_loss(model: common.Model, images: Any, captions: Sequence[str], si
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p = common.base_parser(__doc__)
-    p.add_argument("--experts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
-                   help="Expert layouts to compare (configs/experts.py:experts=E).")
+    p.add_argument("--experts", nargs="+", default=["1", "2", "3"], metavar="E[-NAME]",
+                   help="Expert layouts to compare: E trains configs/experts.py:experts=E unless --workdir gives it; "
+                        "E-NAME is a variant that --workdir must give (e.g. 1-wide).")
     p.add_argument("--steps", type=int, default=1200, help="Training steps of every variant.")
     p.add_argument("--batch", type=int, default=24, help="Training batch of every variant (divisible by 1, 2, 3).")
-    p.add_argument("--workdir", action="append", metavar="E=PATH",
-                   help="Reuse a trained run for layout E instead of training it (repeatable).")
+    p.add_argument("--workdir", action="append", metavar="E[-NAME]=PATH",
+                   help="Reuse a trained run for layout E (or variant E-NAME) instead of training it (repeatable).")
     p.add_argument("--workdir_root", default=None,
                    help="Where trained runs go (default: workdirs/ablation_experts; OUT/workdirs with --smoke).")
     p.add_argument("--num_prompts", type=int, default=96, help="Validation captions sampled per variant.")
@@ -185,29 +215,38 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from ediff_jax.images import ensure_writable_dir
     out = ensure_writable_dir(args.out)
     clock = common.Clock()
-    given = parse_workdirs(args.workdir)
-    unknown = sorted(set(given) - set(args.experts))
+    try:
+        layouts = list(dict.fromkeys(parse_layout(e)[1] for e in args.experts))
+        given = parse_workdirs(args.workdir)
+    except ValueError as err:
+        p.error(str(err))
+    unknown = sorted(set(given) - set(layouts))
     if unknown:
-        p.error(f"--workdir given for {unknown} experts, which --experts {args.experts} does not compare.")
+        p.error(f"--workdir given for {unknown}, which --experts {' '.join(layouts)} does not compare.")
+    untrainable = [e for e in layouts if "-" in e and e not in given]
+    if untrainable:
+        p.error(f"--experts {' '.join(untrainable)}: a named variant is not trained here; give its run with "
+                f"--workdir {untrainable[0]}=PATH.")
     root = Path(args.workdir_root or (out / "workdirs" if args.smoke else common.REPO / "workdirs/ablation_experts"))
-    for num, workdir in given.items():  # any checkpointed run: equal samples are checked from its checkpoints
+    for label, workdir in given.items():  # any checkpointed run: equal samples are checked from its checkpoints
         if not kept_steps(workdir):
-            raise FileNotFoundError(f"--workdir {num}={workdir} holds no checkpoint; train it first.")
+            raise FileNotFoundError(f"--workdir {label}={workdir} holds no checkpoint; train it first.")
     # Runs to be trained get --steps x --batch samples: check the given ones match before training anything.
-    check_equal_samples(given, args.steps * args.batch if set(args.experts) - set(given) else None)
+    check_equal_samples(given, args.steps * args.batch if set(layouts) - set(given) else None)
     workdirs = {}
-    for num in args.experts:
-        if num in given:
-            workdirs[num] = given[num]
+    for label in layouts:
+        if label in given:
+            workdirs[label] = given[label]
         else:
+            num = parse_layout(label)[0]
             config = common.ablation_config(experts=num, steps=args.steps, batch=args.batch, smoke=args.smoke,
                                             data_dir=args.data_dir)
-            workdirs[num] = common.train_or_reuse(config, root / f"experts{num}")
+            workdirs[label] = common.train_or_reuse(config, root / f"experts{num}")
     check_equal_samples(workdirs)
 
     models = {num: common.load_model(workdir) for num, workdir in workdirs.items()}
     samples = next(iter(models.values())).train_samples  # equal for all, checked above
-    earlier = reused_rows(Path(args.reuse), args.experts, evaluation_key(args), samples) if args.reuse else []
+    earlier = reused_rows(Path(args.reuse), layouts, evaluation_key(args), samples) if args.reuse else []
     size = next(iter(models.values())).image_size
     evaluator = common.Evaluator(size, args.num_real, args.feature_weights)
     _, prompts = common.validation_examples(args.num_prompts, size)
@@ -215,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     prompts_two = reference.relation_prompts(args.num_relation, seed=args.seed)
     loss_images, loss_captions = common.validation_examples(args.num_loss, size, offset=args.num_prompts)
     rows, curves, grids = [], {}, []
-    for num, model in models.items():
+    import jax
+
+    for label, model in models.items():
         sampler = model.sampler(args.sampler_steps)
         draw = lambda chunk, **kw: sampler(model.params, chunk, guidance=model.guidance, **kw)  # noqa: E731
         sample_clock = common.Clock()
@@ -228,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         losses = denoising_loss(model, loss_images, loss_captions, args.loss_sigmas, args.seed)
         boundaries = model.boundaries
         rows.append({
-            "experts": num, "train_steps": model.train_samples // int(model.config.train.batch_size),
+            "layout": label, "experts": parse_layout(label)[0],
+            "parameters": sum(int(leaf.size) for leaf in jax.tree.leaves(model.params)), "train_steps": model.train_samples // int(model.config.train.batch_size),
             "train_batch": int(model.config.train.batch_size), "train_samples": model.train_samples,
             "boundaries": "-" if boundaries is None else "/".join(f"{b:.3g}" for b in boundaries),
             "guidance": model.guidance, **evaluator.score(images, prompts),
@@ -237,9 +279,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             **{f"{LOSS_COLUMNS_PREFIX}{s:g}": v for s, v in zip(args.loss_sigmas, losses)},
             "sample_seconds": sample_seconds, "workdir": str(model.workdir), "evaluation": evaluation_key(args),
         })
-        curves[f"{num} expert{'s' if num > 1 else ''}"] = (list(args.loss_sigmas), losses)
+        curves[layout_name(label)] = (list(args.loss_sigmas), losses)
         grids.append(images[:8])
-        print(f"{num} experts: two objects {rows[-1]['two_object_relation_accuracy']:.3f}, one object strict "
+        print(f"{layout_name(label)}: two objects {rows[-1]['two_object_relation_accuracy']:.3f}, one object strict "
               f"{rows[-1]['one_object_color_shape_strict_accuracy']:.3f}, all_ok {rows[-1]['all_ok_accuracy']:.3f}, "
               f"FD {rows[-1]['frechet_distance']:.2f}, "
               f"mean val loss {rows[-1]['mean_val_loss']:.4f}", flush=True)
@@ -247,10 +289,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     import numpy as np
 
     for row in earlier:
-        curves[f"{row['experts']} expert{'s' if row['experts'] > 1 else ''}"] = (
+        curves[layout_name(row["layout"])] = (
             list(args.loss_sigmas), [row[f"{LOSS_COLUMNS_PREFIX}{s:g}"] for s in args.loss_sigmas])
-    rows = sorted([*rows, *earlier], key=lambda row: row["experts"])
-    curves = dict(sorted(curves.items(), key=lambda item: int(item[0].split()[0])))
+    rows = sorted([*rows, *earlier], key=lambda row: _layout_order(row["layout"]))
+    order = [layout_name(row["layout"]) for row in rows]
+    curves = {name: curves[name] for name in order}
     columns = [*COLUMNS[:-2], *(f"{LOSS_COLUMNS_PREFIX}{s:g}" for s in args.loss_sigmas), *COLUMNS[-2:]]
     source = ("tiny smoke runs (--smoke): numbers meaningless, the pipeline is real" if args.smoke else
               "the given workdirs" if given else "configs/experts.py (the quickstart UNet)")
@@ -265,11 +308,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"Command: `{common.command('experts.py', argv)}`. {clock.summary()}.",
     ]
     if earlier:
-        notes.append(f"Rows for {', '.join(str(r['experts']) for r in earlier)} experts: kept from {args.reuse} "
+        notes.append(f"Rows {', '.join(layout_name(r['layout']) for r in earlier)}: kept from {args.reuse} "
                      "(an earlier call's, the same evaluation arguments and training samples; its samples are not "
                      "in samples.png).")
     common.write_results(out, rows, columns, "Experts vs no experts at equal training samples", notes)
-    common.plot_metrics(rows, "experts", ["all_ok_accuracy", "frechet_distance", "mean_val_loss"],
+    common.plot_metrics(rows, "layout", ["all_ok_accuracy", "frechet_distance", "mean_val_loss"],
                         out / "metrics.png", title="Expert layouts at equal training samples", bar=True)
     common.plot_curves(curves, out / "val_loss_vs_sigma.png", title="Held-out denoising loss by noise level",
                        xlabel="sigma", ylabel="EDM-weighted loss", logx=True, logy=True)
