@@ -136,12 +136,13 @@ def test_canvas_smoke(smoke_workdir, tmp_path):
     sampler evaluations (Euler, 2 steps), plus the anchor crop on the one guided evaluation of the coherence
     rows (half of 2 steps), each of whose crops also runs backwards; and every score is in range."""
     rows = canvas.main(["--smoke", "--workdir", str(smoke_workdir), "--out", str(tmp_path), "--coherence", "1.0"])
-    check_outputs(tmp_path, rows, "canvas", ["32x128"] * 4 + ["32x256 circular"] * 3 + ["32x128"] * 3,
-                  ["panoramas.png"])
+    check_outputs(tmp_path, rows, "canvas",
+                  ["32x128"] * 4 + ["32x256 circular"] * 3 + ["32x128"] * 3 + ["32x128 wrapped"], ["panoramas.png"])
     assert [r["strategy"] for r in rows] == ["overlap", "gaussian", "shifted", "overlap"] + \
-        ["overlap", "gaussian", "shifted"] * 2
-    assert [r["coherence"] for r in rows] == [0.0, 0.0, 0.0, 1.0] + [0.0] * 6  # coherence: the plain panorama
-    crops = [13, 13, 5, 13, 32, 32, 8, 13, 13, 5]
+        ["overlap", "gaussian", "shifted"] * 2 + ["shifted"]
+    assert [r["coherence"] for r in rows] == [0.0, 0.0, 0.0, 1.0] + [0.0] * 7  # coherence: the plain panorama
+    # SpotDiffusion's own wrap tiles the 128 columns with 4 windows, no clamped fifth: 13 / 4 > 3x fewer crops
+    crops = [13, 13, 5, 13, 32, 32, 8, 13, 13, 5, 4]
     assert [r["crops_per_call"] for r in rows] == crops
     assert [r["evals_per_panorama"] for r in rows] == [(1 + r["regions"]) * (c * 2 + (r["coherence"] > 0))
                                                        for c, r in zip(crops, rows)]
@@ -150,6 +151,14 @@ def test_canvas_smoke(smoke_workdir, tmp_path):
     for row in rows:
         assert row["seconds_per_panorama"] > 0 and row["seam_ratio"] > 0 and row["coherence_distance"] >= 0
         assert_accuracy(row["crop_color_shape_accuracy"])
+
+
+def test_canvas_wrapped_needs_the_shifted_strategy(capsys):
+    """`wrapped` is SpotDiffusion's roll, a shifted-only canvas: asked for without shifted it is refused in one
+    line, before any model loads."""
+    with pytest.raises(SystemExit):
+        canvas.main(["--smoke", "--out", "/tmp/unused_canvas", "--canvases", "wrapped", "--strategies", "overlap"])
+    assert "--canvases wrapped runs the shifted strategy only" in capsys.readouterr().err
 
 
 def test_coherence_distance_is_the_mean_pairwise_crop_distance():

@@ -3,10 +3,13 @@
 SyncDiffusion's coherence guidance on top of `overlap` (`--coherence W ...`: first sampler, 32x128
 panorama only, since every guided evaluation runs a backward pass per crop).
 
-Every setting samples the same prompts from the same noise on each canvas: a window x 4 windows
-panorama (32x128 for a 32x32 model; overlap at stride window/4, the issue's 13 views), a circular
-window x 8 windows panorama (32x256), and the first with a region prompt (a red circle in the left
-quarter). Per setting:
+Every setting samples the same prompts from the same noise on each canvas (`--canvases`): a window x
+4 windows panorama (`panorama`: 32x128 for a 32x32 model; overlap at stride window/4, the issue's 13
+views), a circular window x 8 windows panorama (`circular`: 32x256), the first with a region prompt
+(`regions`: a red circle in the left quarter), and the first wrapped as SpotDiffusion's own code
+does (`wrapped`, `shifted` only): its reference implementation rolls the whole latent every step,
+so the plain panorama is tiled as a circular one, 4 windows and no clamped fifth, and its two
+ends are denoised as neighbours. Per setting:
 
 - cost: crops per denoiser call (`multidiffusion.evaluations_per_call`, counted exactly by the
   tests), model evaluations per panorama (crops x prompts x sampler evaluations) and seconds per
@@ -30,6 +33,9 @@ from experiments.ablations import common
 from experiments.ablations.stride import crops, evaluations_per_run, seam_ratio, timed_sampling
 
 DEFAULT_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
+# name -> (width in windows, circular, with the region prompt, strategies it runs: None = all)
+CANVASES = {"panorama": (4, False, False, None), "circular": (8, True, False, None),
+            "regions": (4, False, True, None), "wrapped": (4, True, False, ("shifted",))}
 COLUMNS = ("canvas", "regions", "strategy", "coherence", "sampler", "steps", "crops_per_call", "evals_per_panorama",
            "grad_crops_per_panorama",
            "seconds_per_panorama", "seam_ratio", "coherence_distance", "crop_color_shape_accuracy",
@@ -70,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--strategies", nargs="+", default=["overlap", "gaussian", "shifted"])
     p.add_argument("--samplers", nargs="+", default=["heun", "euler", "dpmpp_2m"])
     p.add_argument("--steps", type=int, default=None, help="Sampler steps (default: the workdir's config).")
+    p.add_argument("--canvases", nargs="+", default=list(CANVASES), choices=list(CANVASES),
+                   help="Canvases to run (module docstring); `wrapped` runs the shifted strategy only.")
     p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="One-object ediff_shapes prompts.")
     p.add_argument("--num_real", type=int, default=1000, help="Real validation images for Fréchet distance.")
     p.add_argument("--guidance", type=float, default=None, help="Guidance scale (default: the workdir's config).")
@@ -83,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                            samplers=["euler"])
     if len(args.prompts) < 2:
         p.error("--prompts must list at least 2 prompts (sampled in two timed calls).")
+    if "wrapped" in args.canvases and "shifted" not in args.strategies:
+        p.error("--canvases wrapped runs the shifted strategy only; add shifted to --strategies.")
 
     import numpy as np
 
@@ -98,13 +108,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     steps = args.steps or model.sampler_steps
     evaluator = common.Evaluator(window, args.num_real, args.feature_weights)
     region = [("a red circle", box_mask(window, 4 * window, 0, 0, window, window))]
-    canvases = [("panorama", 4 * window, False, ()), ("circular", 8 * window, True, ()),
-                ("panorama", 4 * window, False, tuple(region))]
+    canvases = [(name, windows * window, circular, tuple(region) if with_region else (), only)
+                for name, (windows, circular, with_region, only) in CANVASES.items() if name in args.canvases]
     feature_fn = load_differentiable_feature_fn(args.feature_weights) if args.coherence else None
     settings = [(s, 0.0) for s in args.strategies] + [("overlap", float(w)) for w in args.coherence]
     rows, grids = [], []
-    for name, width, circular, regions in canvases:
+    for name, width, circular, regions, only in canvases:
         for strategy, weight in settings:
+            if only is not None and (strategy not in only or weight):
+                continue
             if weight and (circular or regions):
                 continue  # coherence: the plain panorama only (a backward pass per crop; circular has 32 crops)
             for sampler_name in args.samplers:
@@ -126,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 rows_per_prompt = len(regions) + 1
                 guided_evals = guided_evaluations(sampler.sigmas, sampler_name, sampler.coherence)
                 row = {
-                    "canvas": f"{window}x{width}" + (" circular" if circular else ""),
+                    "canvas": f"{window}x{width}" + (" wrapped" if name == "wrapped" else
+                                                     " circular" if circular else ""),
                     "regions": len(regions), "strategy": strategy, "coherence": weight, "sampler": sampler_name,
                     "steps": steps, "crops_per_call": calls,
                     # the anchor crop once more per guided evaluation; a backward pass per crop then
