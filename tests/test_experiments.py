@@ -153,12 +153,16 @@ def test_canvas_smoke(smoke_workdir, tmp_path):
         assert_accuracy(row["crop_color_shape_accuracy"])
 
 
-def test_canvas_wrapped_needs_the_shifted_strategy(capsys):
-    """`wrapped` is SpotDiffusion's roll, a shifted-only canvas: asked for without shifted it is refused in one
-    line, before any model loads."""
+def test_canvas_wrapped_needs_the_shifted_strategy(tmp_path, capsys):
+    """`wrapped` is SpotDiffusion's roll, a shifted-only canvas: by default it runs only beside shifted (so an
+    overlap-only call such as the coherence ablation still runs the other canvases); asked for by name without
+    shifted it is refused in one line, before any model loads."""
+    assert canvas.selected_canvases(None, ["overlap"]) == ["panorama", "circular", "regions"]
+    assert canvas.selected_canvases(None, ["overlap", "shifted"]) == ["panorama", "circular", "regions", "wrapped"]
+    assert canvas.selected_canvases(["wrapped", "panorama"], ["shifted"]) == ["wrapped", "panorama"]
     with pytest.raises(SystemExit):
-        canvas.main(["--smoke", "--out", "/tmp/unused_canvas", "--canvases", "wrapped", "--strategies", "overlap"])
-    assert "--canvases wrapped runs the shifted strategy only" in capsys.readouterr().err
+        canvas.main(["--smoke", "--out", str(tmp_path), "--canvases", "wrapped", "--strategies", "overlap"])
+    assert "--canvases wrapped runs the shifted strategy only; add it to --strategies" in capsys.readouterr().err
 
 
 def test_coherence_distance_is_the_mean_pairwise_crop_distance():
@@ -196,10 +200,20 @@ def test_experts_smoke(smoke_workdir, shapes_data_dir, tmp_path):
     merged_out = tmp_path / "merged"
     again = ["--smoke", "--experts", "3", "--workdir", f"3={tmp_path / 'workdirs' / 'experts3'}",
              "--data_dir", shapes_data_dir]
-    merged = experts.main([*again, "--reuse", str(tmp_path / "results.csv"), "--out", str(merged_out)])
-    assert [r["experts"] for r in merged] == [1, 2, 3]
+    # plus a named variant's row (a copy of layout 1 labelled 1-wide): kept by its label, sorted after layout 1
+    import csv
+
+    with open(tmp_path / "results.csv", newline="") as f:
+        earlier = list(csv.DictReader(f))
+    with open(tmp_path / "with_variant.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(earlier[0]))
+        writer.writeheader()
+        writer.writerows([*earlier, {**earlier[0], "layout": "1-wide"}])
+    merged = experts.main([*again, "--reuse", str(tmp_path / "with_variant.csv"), "--out", str(merged_out)])
+    assert [r["layout"] for r in merged] == ["1", "1-wide", "2", "3"] and [r["experts"] for r in merged] == [1, 1, 2, 3]
     first, table = common.read_results(tmp_path), common.read_results(merged_out)
-    for old, new in zip(first, table):
+    assert table[1] == {**table[0], "layout": "1-wide"}
+    for old, new in zip(first, [table[0], *table[2:]]):
         assert {k: v for k, v in old.items() if k not in ("sample_seconds", "workdir")} == \
                {k: v for k, v in new.items() if k not in ("sample_seconds", "workdir")}
     assert "kept from" in (merged_out / "results.md").read_text()
@@ -261,7 +275,6 @@ def test_experts_rows_are_keyed_by_layout_label(tmp_path, capsys):
         with pytest.raises(SystemExit):
             experts.main(["--smoke", *argv, "--out", str(tmp_path / "x")])
         assert message in capsys.readouterr().err
-    assert not (tmp_path / "x" / "results.csv").exists()
 
 
 def test_sample_batched_pads_chunks_and_offsets_seeds():

@@ -42,6 +42,17 @@ COLUMNS = ("canvas", "regions", "strategy", "coherence", "sampler", "steps", "cr
            "frechet_distance")
 
 
+def selected_canvases(asked: Sequence[str] | None, strategies: Sequence[str]) -> list[str]:
+    """The canvases to run: those asked for, or (None) every canvas whose strategies `strategies` includes."""
+    if asked is None:
+        return [name for name, spec in CANVASES.items() if spec[3] is None or set(spec[3]) & set(strategies)]
+    for name in asked:
+        only = CANVASES[name][3]
+        if only is not None and not set(only) & set(strategies):
+            raise ValueError(f"--canvases {name} runs the {'/'.join(only)} strategy only; add it to --strategies.")
+    return list(asked)
+
+
 def coherence_distance(features: Any, per_canvas: int) -> float:
     """Mean pairwise Euclidean distance between the crop features of each panorama, averaged over
     panoramas. `features` [K * N, D] are offset-major (crop k of panorama n at row k * N + n)."""
@@ -76,8 +87,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--strategies", nargs="+", default=["overlap", "gaussian", "shifted"])
     p.add_argument("--samplers", nargs="+", default=["heun", "euler", "dpmpp_2m"])
     p.add_argument("--steps", type=int, default=None, help="Sampler steps (default: the workdir's config).")
-    p.add_argument("--canvases", nargs="+", default=list(CANVASES), choices=list(CANVASES),
-                   help="Canvases to run (module docstring); `wrapped` runs the shifted strategy only.")
+    p.add_argument("--canvases", nargs="+", default=None, choices=list(CANVASES),
+                   help="Canvases to run (module docstring; default: all, `wrapped` only when --strategies has "
+                        "shifted, the one strategy it runs).")
     p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="One-object ediff_shapes prompts.")
     p.add_argument("--num_real", type=int, default=1000, help="Real validation images for Fréchet distance.")
     p.add_argument("--guidance", type=float, default=None, help="Guidance scale (default: the workdir's config).")
@@ -91,8 +103,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                            samplers=["euler"])
     if len(args.prompts) < 2:
         p.error("--prompts must list at least 2 prompts (sampled in two timed calls).")
-    if "wrapped" in args.canvases and "shifted" not in args.strategies:
-        p.error("--canvases wrapped runs the shifted strategy only; add shifted to --strategies.")
+    try:
+        args.canvases = selected_canvases(args.canvases, args.strategies)
+    except ValueError as err:
+        p.error(str(err))
 
     import numpy as np
 

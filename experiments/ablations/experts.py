@@ -270,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         boundaries = model.boundaries
         rows.append({
             "layout": label, "experts": parse_layout(label)[0],
-            "parameters": sum(int(leaf.size) for leaf in jax.tree.leaves(model.params)), "train_steps": model.train_samples // int(model.config.train.batch_size),
+            "parameters": sum(int(leaf.size) for leaf in jax.tree.leaves(model.params)),
+            "train_steps": model.train_samples // int(model.config.train.batch_size),
             "train_batch": int(model.config.train.batch_size), "train_samples": model.train_samples,
             "boundaries": "-" if boundaries is None else "/".join(f"{b:.3g}" for b in boundaries),
             "guidance": model.guidance, **evaluator.score(images, prompts),
