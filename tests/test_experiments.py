@@ -180,6 +180,9 @@ def test_experts_smoke(smoke_workdir, shapes_data_dir, tmp_path):
     rows = experts.main(["--smoke", "--workdir", f"1={smoke_workdir}", "--data_dir", shapes_data_dir,
                          "--out", str(tmp_path)])
     check_outputs(tmp_path, rows, "layout", ["1", "2", "3"], ["metrics.png", "val_loss_vs_sigma.png", "samples.png"])
+    for label in ("1", "2", "3"):  # the reference table's breakdown per scored layout, as shapes_benchmark.py writes it
+        assert "| relation | both colours | both shapes | relation | all |" in \
+            (tmp_path / f"breakdown_{label}.md").read_text()
     # each expert is a whole UNet (stacked), so E experts hold E times one model's weights
     assert [row["parameters"] for row in rows] == [rows[0]["parameters"] * e for e in (1, 2, 3)]
     assert len({r["train_samples"] for r in rows}) == 1

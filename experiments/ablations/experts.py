@@ -265,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         # shapes_benchmark.py's chunking and seeds: its figures for the same model, image for image
         images_one = common.sample_batched(draw, prompts_one, args.reference_batch, args.seed)
         images_two = common.sample_batched(draw, prompts_two, args.reference_batch, args.seed + 10_000)
-        strict_lenient, _ = reference.score(images_one, prompts_one, images_two, prompts_two)
+        strict_lenient, results = reference.score(images_one, prompts_one, images_two, prompts_two)
+        (out / f"breakdown_{label}.md").write_text("\n".join([f"# {layout_name(label)}, guidance {model.guidance:g}",
+                                                            "", *reference.breakdown(results)]) + "\n")
         losses = denoising_loss(model, loss_images, loss_captions, args.loss_sigmas, args.seed)
         boundaries = model.boundaries
         rows.append({
@@ -303,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"{rows[0]['train_samples']} samples. Sampling: {len(prompts)} validation captions, one image each, "
         f"guidance from each config, seed {args.seed} (the same noise for every layout).",
         f"One / two objects (strict: nothing else drawn): experiments/shapes_benchmark.py's prompts and scorer, "
-        f"{len(prompts_one)} one-object and {len(prompts_two)} relation prompts, its seeds; intervals 95% Wilson.",
+        f"{len(prompts_one)} one-object and {len(prompts_two)} relation prompts, its seeds; intervals 95% Wilson; "
+        "per colour, shape and relation in breakdown_LAYOUT.md (the layouts scored by this call).",
         f"Fréchet distance / KID: to {args.num_real} real validation images, shipped ediff_shapes feature network. "
         f"`loss@s`: EDM-weighted denoising loss on {args.num_loss} other validation images at sigma = s.",
         f"Command: `{common.command('experts.py', argv)}`. {clock.summary()}.",
