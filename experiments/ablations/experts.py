@@ -48,8 +48,8 @@ REFERENCE_COLUMNS = ("one_object_color_shape_strict_accuracy", "one_object_stric
                      "one_object_color_shape_accuracy", "two_object_relation_accuracy", "two_object_ci95",
                      "two_object_relation_strict_accuracy", "two_object_strict_ci95")
 COLUMNS = ("layout", "experts", "parameters", "train_steps", "train_batch", "train_samples", "boundaries", "guidance",
-           *REFERENCE_COLUMNS, *common.ALIGNMENT_COLUMNS, *common.DISTANCE_COLUMNS, "mean_val_loss", "sample_seconds", "workdir",
-           "evaluation")
+           *REFERENCE_COLUMNS, *common.ALIGNMENT_COLUMNS, *common.DISTANCE_COLUMNS, "mean_val_loss", "sample_seconds",
+           "workdir", "evaluation")
 # The arguments that decide a row's figures for a given model: rows are comparable only when they agree.
 EVALUATION_ARGS = ("seed", "num_prompts", "num_per_prompt", "num_relation", "reference_batch", "num_real",
                    "num_loss", "loss_sigmas", "sampler_steps", "sample_batch", "feature_weights")
