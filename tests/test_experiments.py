@@ -10,6 +10,7 @@ needs it is slow-marked; the helpers' unit tests below run in the default select
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,7 @@ def test_coherence_distance_is_the_mean_pairwise_crop_distance():
 
 
 @pytest.mark.slow
-def test_experts_smoke(smoke_workdir, shapes_data_dir, tmp_path):
+def test_experts_smoke(smoke_workdir, shapes_data_dir, tmp_path, capsys):
     """Experts 1/2/3 at equal samples: a row per layout, E-1 sigma boundaries each, finite per-sigma losses."""
     rows = experts.main(["--smoke", "--workdir", f"1={smoke_workdir}", "--data_dir", shapes_data_dir,
                          "--out", str(tmp_path)])
@@ -220,11 +221,13 @@ def test_experts_smoke(smoke_workdir, shapes_data_dir, tmp_path):
         assert {k: v for k, v in old.items() if k not in ("sample_seconds", "workdir")} == \
                {k: v for k, v in new.items() if k not in ("sample_seconds", "workdir")}
     assert "kept from" in (merged_out / "results.md").read_text()
-    with pytest.raises(ValueError, match=r"scored with seed=0;.*this call with seed=1"):  # other noise: not comparable
-        experts.main([*again, "--seed", "1", "--reuse", str(tmp_path / "results.csv"), "--out", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="no `evaluation` column"):
-        (tmp_path / "old.csv").write_text("experts,train_samples\n1,48\n")
-        experts.main([*again, "--reuse", str(tmp_path / "old.csv"), "--out", str(tmp_path / "x")])
+    (tmp_path / "old.csv").write_text("experts,train_samples\n1,48\n")
+    for argv, message in ((["--seed", "1", "--reuse", str(tmp_path / "results.csv")],  # other noise: not comparable
+                           r"scored with seed=0;.*this call with seed=1"),
+                          (["--reuse", str(tmp_path / "old.csv")], "no `evaluation` column")):
+        with pytest.raises(SystemExit):  # one line, before any model loads
+            experts.main([*again, *argv, "--out", str(tmp_path / "x")])
+        assert re.search(message, capsys.readouterr().err)
 
 
 def test_experts_refuses_unequal_training_samples(tmp_path):
@@ -272,9 +275,17 @@ def test_experts_rows_are_keyed_by_layout_label(tmp_path, capsys):
     assert [(r["layout"], r["experts"], r["parameters"]) for r in kept] == [("1", 1, "-"), ("2", 2, "-")]
     with pytest.raises(ValueError, match="its 2 row was trained on 48"):
         experts.reused_rows(table, ["1"], "E", 96)
+    for cells in ("1,many,E,0.5", "4,48,E,0.5", ",48,E,0.5"):  # a hand-edited or foreign table: one line, no traceback
+        (tmp_path / "bad.csv").write_text(f"experts,train_samples,evaluation,two_object_relation_accuracy\n{cells}\n")
+        with pytest.raises(ValueError, match="line 2 has no readable layout and train_samples"):
+            experts.reused_rows(tmp_path / "bad.csv", [], "E", 48)
+    with pytest.raises(ValueError, match="no such file"):
+        experts.reused_rows(tmp_path / "missing.csv", [], "E", 48)
     for argv, message in ((["--experts", "1-wide"], "named variant is not trained here; give its run with --workdir "
                                                     "1-wide=PATH"),
-                          (["--experts", "1", "--workdir", "2=runs/e2"], "--workdir given for ['2']")):
+                          (["--experts", "1", "--workdir", "2=runs/e2"], "--workdir given for ['2']"),
+                          (["--experts", "1", "--workdir", f"1={tmp_path}"], "holds no checkpoint; train it first"),
+                          (["--experts", "1", "--reuse", str(tmp_path / "bad.csv")], "line 2 has no readable")):
         with pytest.raises(SystemExit):
             experts.main(["--smoke", *argv, "--out", str(tmp_path / "x")])
         assert message in capsys.readouterr().err

@@ -79,29 +79,37 @@ def _layout_order(label: str) -> tuple[int, str]:
     return parse_layout(label)[0], str(label)
 
 
-def reused_rows(path: Path, skip: Sequence[str], evaluation: str, samples: int) -> list[dict[str, Any]]:
-    """The rows of an earlier results.csv for layouts not in `skip`, checked to be comparable with this call's.
+def reused_rows(path: Path, skip: Sequence[str], evaluation: str, samples: int | None) -> list[dict[str, Any]]:
+    """The rows of an earlier results.csv for layouts not in `skip`, checked to be comparable with this call's
+    (`samples`: this call's training samples, None when it has no run to compare with).
 
-    Tables written before rows had labels key each row by its expert count, and have no parameter count."""
+    Read before any run trains or loads, so a table that cannot be kept costs nothing. Tables written before
+    rows had labels key each row by its expert count, and have no parameter count."""
     import csv
 
     if not path.is_file():
-        raise FileNotFoundError(f"--reuse {path}: no such file; give the results.csv of an earlier experts.py call.")
+        raise ValueError(f"--reuse {path}: no such file; give the results.csv of an earlier experts.py call.")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or "evaluation" not in rows[0]:
         raise ValueError(f"--reuse {path}: no `evaluation` column, so its settings are unknown; score those "
                          "layouts again instead.")
     kept = []
-    for row in rows:
-        label = parse_layout(row.get("layout") or row["experts"])[1]
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        try:
+            label = parse_layout(row.get("layout") or row.get("experts"))[1]
+            trained = int(row.get("train_samples") or "")
+        except ValueError:
+            raise ValueError(f"--reuse {path}: line {line} has no readable layout and train_samples "
+                             f"({row.get('layout') or row.get('experts')!r}, {row.get('train_samples')!r}); "
+                             "give a results.csv written by experts.py, unedited.") from None
         if label in skip:
             continue
         if row["evaluation"] != evaluation:
             raise ValueError(f"--reuse {path}: its {label} row was scored with {row['evaluation']}, "
                              f"this call with {evaluation}; give the same arguments, or score that layout again.")
-        if int(row["train_samples"]) != samples:
-            raise ValueError(f"--reuse {path}: its {label} row was trained on {row['train_samples']} "
+        if samples is not None and trained != samples:
+            raise ValueError(f"--reuse {path}: its {label} row was trained on {trained} "
                              f"samples, this call's runs on {samples}; this ablation compares equal training samples.")
         kept.append({**{k: _parse_cell(v) for k, v in row.items()}, "layout": label,
                      "parameters": _parse_cell(row.get("parameters") or "-")})
@@ -129,8 +137,9 @@ def parse_workdirs(items: Sequence[str] | None) -> dict[str, Path]:
     return out
 
 
-def check_equal_samples(workdirs: dict[str, Path], samples: int | None = None) -> None:
+def check_equal_samples(workdirs: dict[str, Path], samples: int | None = None) -> int | None:
     """The ablation compares layouts at equal training samples; refuse runs that differ (or differ from `samples`).
+    Returns that one number of samples (None: no run and no `samples`).
 
     A run's samples are its newest checkpoint's step x batch: a time-boxed run stops before
     config.train.num_steps, and a branched run (`experts.init_from`) counts its shared phase.
@@ -153,6 +162,7 @@ def check_equal_samples(workdirs: dict[str, Path], samples: int | None = None) -
         raise ValueError(f"The runs were trained on different numbers of samples ({listing}{target}); this ablation "
                          "compares expert layouts at equal training samples. Train them with the same --steps and "
                          "--batch.")
+    return next(iter(totals), None)
 
 
 def denoising_loss(model: common.Model, images: Any, captions: Sequence[str], sigmas: Sequence[float],
@@ -228,11 +238,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         p.error(f"--experts {' '.join(untrainable)}: a named variant is not trained here; give its run with "
                 f"--workdir {untrainable[0]}=PATH.")
     root = Path(args.workdir_root or (out / "workdirs" if args.smoke else common.REPO / "workdirs/ablation_experts"))
-    for label, workdir in given.items():  # any checkpointed run: equal samples are checked from its checkpoints
-        if not kept_steps(workdir):
-            raise FileNotFoundError(f"--workdir {label}={workdir} holds no checkpoint; train it first.")
-    # Runs to be trained get --steps x --batch samples: check the given ones match before training anything.
-    check_equal_samples(given, args.steps * args.batch if set(layouts) - set(given) else None)
+    try:  # every refusal before anything trains or loads
+        for label, workdir in given.items():  # any checkpointed run: equal samples are checked from its checkpoints
+            if not kept_steps(workdir):
+                raise ValueError(f"--workdir {label}={workdir} holds no checkpoint; train it first.")
+        # Runs to be trained get --steps x --batch samples: check the given ones match before training anything.
+        samples = check_equal_samples(given, args.steps * args.batch if set(layouts) - set(given) else None)
+        earlier = reused_rows(Path(args.reuse), layouts, evaluation_key(args), samples) if args.reuse else []
+    except ValueError as err:
+        p.error(str(err))
     workdirs = {}
     for label in layouts:
         if label in given:
@@ -245,8 +259,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     check_equal_samples(workdirs)
 
     models = {num: common.load_model(workdir) for num, workdir in workdirs.items()}
-    samples = next(iter(models.values())).train_samples  # equal for all, checked above
-    earlier = reused_rows(Path(args.reuse), layouts, evaluation_key(args), samples) if args.reuse else []
     size = next(iter(models.values())).image_size
     evaluator = common.Evaluator(size, args.num_real, args.feature_weights)
     _, prompts = common.validation_examples(args.num_prompts, size)
