@@ -380,8 +380,11 @@ def test_ensemble_checkpoint_carries_boundaries_and_is_refused_by_single_config(
 
 @pytest.mark.slow
 def test_run_stopped_at_phase_boundary_resumes_exactly(ensemble_workdir, tmp_path):
-    """Stopped at the end of the shared phase and resumed, a run equals the uninterrupted one."""
+    """Stopped at the end of the shared phase and resumed, a run equals the uninterrupted one (these two
+    runs skip the MFU count and the final grid, which leave the state alone and the full run covers)."""
     config, _, full = ensemble_workdir
+    config = config.copy_and_resolve_references()
+    config.train.log_mfu, config.sample.prompts = False, ()
     training.train_and_evaluate(config, tmp_path / "split", stop_after=2)
     resumed = training.train_and_evaluate(config, tmp_path / "split")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), full.params, resumed.params)
@@ -423,13 +426,16 @@ def test_vmap_unroll_and_scan_expert_steps_agree(exp2):
 @pytest.fixture(scope="module")
 def warm_started(exp2, tmp_path_factory):
     """A single model trained 2 steps (source), the same run uninterrupted to 4, its warm-started
-    continuation to 4, and a 2-expert run branched from the source at step 2."""
+    continuation to 4, and a 2-expert run branched from the source at step 2.
+
+    No MFU count and no final sample grids: the tests compare states, and ensemble_workdir's run
+    covers both for an ensemble (each would trace and compile another program per run here)."""
     root = tmp_path_factory.mktemp("warm_start")
     single = exp2.config.copy_and_resolve_references()
     single.experts.phases, single.experts.phase_steps = (), ()
     single.train.extra_ema_decays = (0.9,)
     single.train.posthoc_ema.gammas, single.train.posthoc_ema.every = (6.94,), 1
-    single.sample.steps = 2
+    single.train.log_mfu, single.sample.prompts = False, ()
     source = training.train_and_evaluate(single, root / "source", stop_after=2)
     whole = training.train_and_evaluate(single, root / "whole")
     cont = single.copy_and_resolve_references()
@@ -437,7 +443,7 @@ def warm_started(exp2, tmp_path_factory):
     continued = training.train_and_evaluate(cont, root / "continued")
     branched = exp2.config.copy_and_resolve_references()
     branched.train.extra_ema_decays = (0.9,)
-    branched.sample.steps = 2
+    branched.train.log_mfu, branched.sample.prompts = False, ()
     branched.experts.init_from = f"{root / 'source'}@2"
     at_branch = training.train_and_evaluate(branched, root / "branched", stop_after=2)  # no step: the start state
     listing = sorted(str(p.relative_to(root / "source")) for p in (root / "source").rglob("*"))
