@@ -273,3 +273,23 @@ def test_sweep_of_the_tiny_config_on_v5e_2x2(tmp_path):
     best = sweep["best"]
     assert lines[-1] == f"Wrote {out}." and lines[-2].startswith(
         f"best: mesh data=4, remat {'on' if best['remat'] else 'off'}, 1 per chip (global batch 4)")
+
+
+@pytest.mark.parametrize("stage, image, lowres", [("256", 32, 16), ("1024", 32, 16)])
+def test_sr_stage_plans_a_batch_of_crops_and_their_low_res_input(stage, image, lowres):
+    """An SR stage is planned on what its training loop feeds: the 1024 stage on random crops (tiny: 32 of its 64,
+    low-res input 32 x 32/64 = 16), not whole images; the 256 stage on whole 32s from 16s; text as cached
+    embeddings when `data.text_cache` is on; every array split over the batch axis. No compile, no libtpu."""
+    from ediff_jax.config_utils import load_config
+    from ediff_jax.plan.compile import abstract_batch
+    from ediff_jax.plan.encoders import abstract_text_encoders
+    from ediff_jax.training import build_experiment
+
+    config = load_config(str(REPO / f"configs/sr.py:stage={stage},size=tiny"))
+    config.data.text_cache = True
+    exp = build_experiment(config, devices=jax.devices(), encoders=abstract_text_encoders(config.text))
+    batch = abstract_batch(exp)
+    b = int(config.train.batch_size)
+    assert batch["image"].shape == (b, image, image, 3) and batch["lowres"].shape == (b, lowres, lowres, 3)
+    assert {"t5", "t5_mask", "clip", "clip_mask", "clip_pooled"} <= set(batch)
+    assert all(v.shape[0] == b and v.sharding.spec[0] is not None for v in batch.values())
