@@ -96,12 +96,13 @@ def reused_rows(path: Path, skip: Sequence[str], evaluation: str, samples: int |
                          "layouts again instead.")
     kept = []
     for line, row in enumerate(rows, start=2):  # line 1 is the header
+        layout = row.get("layout") or row.get("experts")  # older tables key rows by expert count
         try:
-            label = parse_layout(row.get("layout") or row.get("experts"))[1]
+            label = parse_layout(layout)[1]
             trained = int(row.get("train_samples") or "")
         except ValueError:
             raise ValueError(f"--reuse {path}: line {line} has no readable layout and train_samples "
-                             f"({row.get('layout') or row.get('experts')!r}, {row.get('train_samples')!r}); "
+                             f"({layout!r}, {row.get('train_samples')!r}); "
                              "give a results.csv written by experts.py, unedited.") from None
         if label in skip:
             continue
