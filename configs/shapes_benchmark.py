@@ -31,6 +31,8 @@ phase. Use `minutes=0,steps=N` for equal training samples: the phases are counte
 experts=2 there instead of at the median of p(sigma). `boundary_loss=true` (with branch_from) branches the
 shared model straight into E experts of equal loss mass, from the per-sigma training loss the shared run
 logged over its last 1000 steps (`experts.loss_mass_boundaries`): boundaries from data, not from p(sigma).
+The post-hoc EMA snapshots continue across the branch (the source's power EMAs carry over), so
+`--ema_sigma_rel S` scores an ensemble as it does one model.
 """
 
 from pathlib import Path
@@ -90,8 +92,6 @@ def get_config(arg: str | None = None):
         c.experts.phases = layout_split_at_sigmas(sigmas, c.edm.p_mean, c.edm.p_std)
         c.experts.phase_steps = (step, args.steps - step)  # shared, then the E experts
     c.experts.init_from = args.branch_from
-    if args.experts > 1:  # post-hoc EMA snapshots cannot cross a branch (config_utils refuses them)
-        c.train.posthoc_ema.gammas, c.train.posthoc_ema.every = (), 0
     # the default grid (every caption template) plus a second relation
     c.sample.prompts = base_config().sample.prompts + ("a blue triangle above a red square",)
     return c

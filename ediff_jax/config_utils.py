@@ -273,7 +273,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     repeats = config.data.relation_repeats
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"config.data.relation_repeats={repeats!r}: use a whole number >= 1 (1: every example once).")
-    _check_posthoc_ema(config.train.posthoc_ema, config.experts.phases)
+    _check_posthoc_ema(config.train.posthoc_ema)
     _check_init_from(config.experts)
     decay = config.train.lr_decay_fraction
     if not 0.0 <= float(decay) <= 1.0:  # also refuses nan
@@ -281,15 +281,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          "num_steps over which the rate falls to 0 (0: no decay).")
 
 
-def _check_posthoc_ema(posthoc: ml_collections.ConfigDict, expert_phases: tuple = ()) -> None:
+def _check_posthoc_ema(posthoc: ml_collections.ConfigDict) -> None:
     """Power-EMA exponents are finite, > -1 and distinct, and snapshots have an interval."""
     gammas = [float(g) for g in posthoc.gammas]
     if not gammas:
         return
-    if len(expert_phases) > 1:
-        raise ValueError("config.train.posthoc_ema does not combine with expert branching (several "
-                         "config.experts.phases) yet: snapshots taken before a branch hold other experts than those "
-                         "after it. Use extra_ema_decays for ensembles, or posthoc_ema with one phase.")
     if any(not math.isfinite(g) or g <= -1.0 for g in gammas) or len(set(gammas)) != len(gammas):
         raise ValueError(f"config.train.posthoc_ema.gammas={tuple(posthoc.gammas)} must be distinct finite numbers "
                          "> -1 (EDM2's pair is (16.97, 6.94): sigma_rel 0.05 and 0.10).")

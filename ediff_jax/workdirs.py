@@ -138,7 +138,9 @@ def load_workdir(workdir: str | Path, devices: list | None = None, ema_decay: fl
     params = restored.tree[name] if index is None else restored.tree[name][index]
     if ema_sigma_rel is not None:
         abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params)
-        params, step = posthoc_snapshots.reconstruct(workdir, abstract, ema_sigma_rel, up_to_step=step)
+        phase = int(saved.get("progress", {}).get("phase", 0))
+        params, step = posthoc_snapshots.reconstruct(workdir, abstract, ema_sigma_rel, up_to_step=step,
+                                                     expert_intervals=exp.phases[phase] if exp.phases else None)
     if exp.phases:
         exp.boundaries = np.asarray(saved.get("progress", {})["boundaries"], np.float32)
     exp.restored_step = int(step)

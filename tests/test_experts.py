@@ -443,6 +443,7 @@ def warm_started(exp2, tmp_path_factory):
     continued = training.train_and_evaluate(cont, root / "continued")
     branched = exp2.config.copy_and_resolve_references()
     branched.train.extra_ema_decays = (0.9,)
+    branched.train.posthoc_ema.gammas, branched.train.posthoc_ema.every = (6.94,), 1
     branched.train.log_mfu, branched.sample.prompts = False, ()
     branched.experts.init_from = f"{root / 'source'}@2"
     at_branch = training.train_and_evaluate(branched, root / "branched", stop_after=2)  # no step: the start state
@@ -470,9 +471,8 @@ def test_warm_start_branches_the_shared_model_into_experts(warm_started):
     the source workdir is only read."""
     source, start, end = warm_started["source"], warm_started["at_branch"], warm_started["end"]
     assert int(start.step) == 2 and experts.num_experts(start.params) == 1
-    for field in ("params", "ema_params", "extra_emas", "opt_state"):
+    for field in ("params", "ema_params", "extra_emas", "power_emas", "opt_state"):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[0], b), getattr(start, field), getattr(source, field))
-    assert start.power_emas == ()  # post-hoc EMAs cannot cross a branch: the branched config tracks none
     assert int(end.step) == 4 and experts.num_experts(end.params) == 2
     low, high = experts.unstack_experts(end.params)
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(high)))
@@ -529,7 +529,7 @@ def test_reference_config_expert_variants():
     c = load_config(f"{path}:experts=2,branch_from=/runs/shared@4000,steps=9897,minutes=0,boundary_snr=0.04")
     validate_config(c)
     assert c.experts.phase_steps == (4000, 5897) and c.experts.init_from == "/runs/shared@4000"
-    assert c.train.posthoc_ema.gammas == ()  # post-hoc snapshots cannot cross the branch
+    assert c.train.posthoc_ema.gammas == (16.97, 6.94)  # snapshots are kept across the branch (--ema_sigma_rel)
     np.testing.assert_allclose(experts.boundaries_from_intervals(c.experts.phases[1], c.edm.p_mean, c.edm.p_std),
                                [0.5 / 0.04 ** 0.5], rtol=1e-5)
     for arg, message in (("branch_from=/runs/shared@4000", "give experts=2 or 3"),

@@ -255,7 +255,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop_after: i
                 last = -1
                 break
             stop = preempted or out_of_time
-            snapshots.maybe_save(step, state)
+            snapshots.maybe_save(step, state, exp.phases[phase] if exp.phases else None)
             if step % log_every == 0 or step == last or stop:
                 try:
                     scalars = summarize(history, step - len(history) + 1, skip_nonfinite)

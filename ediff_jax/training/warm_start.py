@@ -13,9 +13,10 @@ makes an expert ablation at equal training samples affordable.
 Without expert phases, the same setting continues a single model in a new workdir.
 
 The source must fit the new config as a resume would (`resume_policy`): the model, data,
-encoders and p(sigma) must match; the expert layout, the step count, and the post-hoc EMA
-(which cannot cross a branch: dropped when the new config has none) may change. The
-source workdir is only read.
+encoders and p(sigma) must match; the expert layout and the step count may change, and the
+post-hoc EMA may be dropped (with the source's exponents it carries over, stacked like the
+params, and the branched run's snapshots reconstruct its experts' EMAs). The source workdir
+is only read.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ediff_jax.training.experiment import (
 )
 
 # Keys a warm start may change besides what a resume may: the layout being branched into,
-# its length, and the post-hoc EMA (refused across branches by validate_config).
+# its length, and the post-hoc EMA (dropped, or the source's exponents: `_check_settings`).
 BRANCH_KEYS = ("experts.phases", "experts.phase_steps", "experts.init_from", "train.posthoc_ema.gammas",
                "train.posthoc_ema.every")
 
