@@ -243,6 +243,27 @@ def shardings_for_tree(abstract_params: Any, rules: Iterable[Any], mesh: Mesh, *
     return to_named_shardings(param_partition_specs(abstract_params, rules, mesh, **kwargs), mesh)
 
 
+def encoder_shardings(params: Any, mesh: Mesh, min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
+    """Where the frozen text encoders live on `mesh`: FSDP by default (each weight of at least
+    `min_size` elements per device split over the `fsdp` axis, the rest replicated), whatever the
+    UNet's rules say. eDiff-I's T5-XXL is 19 GB in float32, more than a v5e chip's HBM, so it can
+    only be loaded, cached or run there split (`python -m ediff_jax.plan --encode`)."""
+    return shardings_for_tree(params, rules_from_config(()), mesh, min_size=min_size)
+
+
+def encoder_leaf_sharding(mesh: Mesh, min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
+    """`encoder_shardings` one leaf at a time, as the weight loaders place them: (path, shape) -> sharding,
+    so no device ever holds a whole encoder while it is read."""
+    rules = rules_from_config(())
+
+    def choose(path: Sequence[Any], shape: tuple[int, ...]) -> NamedSharding:
+        spec = _leaf_spec("/".join(str(p) for p in path), tuple(shape), rules, mesh, fsdp_axis="fsdp",
+                          min_size=min_size, stacked_experts=False, expert_axis="expert")
+        return NamedSharding(mesh, spec)
+
+    return choose
+
+
 def _key_names(path: Sequence[Any]) -> tuple[str, ...]:
     return tuple(_key_name(k) for k in path)
 

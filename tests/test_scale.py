@@ -44,7 +44,8 @@ def run_steps(exp, batch: dict, steps: int = 2):
 @pytest.mark.slow
 def test_fsdp_on_8_devices_equals_one_device(shapes_data_dir):
     """Same seed, same batch: data x FSDP on 8 devices gives one device's losses and parameters,
-    and the FSDP-ruled tensors really are split (each device holds a quarter)."""
+    and the FSDP-ruled tensors really are split (each device holds a quarter), the text encoders the
+    step runs included."""
     one = tiny(shapes_data_dir)
     one.mesh.data = 1
     exp1 = training.build_experiment(one, jax.devices()[:1])
@@ -64,6 +65,7 @@ def test_fsdp_on_8_devices_equals_one_device(shapes_data_dir):
     assert np.prod(shard) * 4 == np.prod(kernel.shape)
     mu = jax.tree.leaves(state8.opt_state[1][0].mu)  # adam's first moment follows its parameter
     assert any("fsdp" in str(m.sharding.spec) for m in mu)
+    assert any("fsdp" in str(w.sharding.spec) for w in jax.tree.leaves(exp8.encoders.params["t5"]))
 
 
 WORKER = textwrap.dedent("""

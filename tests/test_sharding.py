@@ -225,6 +225,38 @@ def trainer_like_optimizer() -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, b1=0.9, b2=0.99, weight_decay=0.01))
 
 
+def test_text_encoders_are_split_over_fsdp_and_encode_as_on_one_device():
+    """`build_experiment` loads the encoders onto its mesh as `sharding.encoder_shardings` says (FSDP: on
+    data 2 x fsdp 4 with no size threshold, every weight with a dimension divisible by 4 is split in
+    quarters, the others replicated), whatever the UNet's rules; the embedding cache built from them equals
+    the one built from weights on one device, and comes back to the host whole."""
+    from ediff_jax.config_utils import load_config
+    from ediff_jax.text.cache import encode_captions
+    from ediff_jax.text.conditioning import load_text_encoders
+    from ediff_jax.training import build_experiment
+
+    config = load_config(str(REPO / "configs/base64.py:size=tiny"))
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    config.sharding.fsdp_min_size = 0
+    config.sharding.rules = ((".*", "replicate"),)  # the UNet's rules do not reach the encoders
+    exp = build_experiment(config)
+    leaves = jax.tree.leaves(exp.encoders.params)
+    total = sum(x.size * x.dtype.itemsize for x in leaves)
+    for x in leaves:
+        assert x.sharding.mesh == exp.mesh
+        split = any(d % 4 == 0 for d in x.shape)
+        assert ("fsdp" in str(x.sharding.spec)) == split, (x.shape, x.sharding.spec)
+        assert x.addressable_shards[0].data.size * (4 if split else 1) == x.size
+    assert sharding.sharded_bytes_per_device(exp.encoders.params, jax.tree.map(lambda x: x.sharding, leaves)) < total
+    captions = ["a red circle", "a blue square to the left of a green triangle", "a purple circle at the top"]
+    placed = encode_captions(exp.encoders, captions, batch_size=4)
+    one_device = encode_captions(load_text_encoders(config.text), captions, batch_size=4)
+    assert placed.captions == one_device.captions
+    for key, value in one_device.arrays.items():
+        assert isinstance(placed.arrays[key], np.ndarray)
+        np.testing.assert_allclose(placed.arrays[key], value, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("use_optimizer", [True, False])
 def test_opt_state_mirrors_params(mesh, abstract, use_optimizer):
     """Adam's mu/nu take their parameter's spec (structurally or by path suffix); the count is replicated."""

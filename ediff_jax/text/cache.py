@@ -80,9 +80,20 @@ class TextEmbeddingCache:
 
 
 def encode_captions(encoders: TextEncoders, captions: Sequence[str], batch_size: int = 256) -> TextEmbeddingCache:
-    """Encodes distinct captions in fixed-size batches (one compiled program)."""
+    """Encodes distinct captions in fixed-size batches (one compiled program).
+
+    Runs where the encoders' weights are: split over a mesh (as `build_experiment` places them),
+    every device of it takes part and the embeddings come back replicated, so each host can read
+    them (`jax.device_get`), on a pod as on one machine.
+    """
     distinct = sorted(set(captions))
-    encode = jax.jit(encoders.encode)
+    meshes = {x.sharding.mesh for x in jax.tree.leaves(encoders.params)
+              if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)}
+    if len(meshes) == 1:
+        encode = jax.jit(encoders.encode, out_shardings=jax.sharding.NamedSharding(meshes.pop(),
+                                                                                  jax.sharding.PartitionSpec()))
+    else:
+        encode = jax.jit(encoders.encode)
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in COND_KEYS}
     for start in range(0, len(distinct), batch_size):
         part = distinct[start:start + batch_size]

@@ -84,16 +84,18 @@ class TextEncoders:
         }
 
 
-def load_text_encoders(text_config: Mapping[str, Any], dtype: Any = jnp.float32) -> TextEncoders:
+def load_text_encoders(text_config: Mapping[str, Any], dtype: Any = jnp.float32, sharding: Any = None) -> TextEncoders:
     """Loads encoders and tokenizers from `text_config.t5_path` / `clip_path`.
 
     Paths are Hugging Face model directories or `builtin:NAME` for the shipped defaults.
+    `sharding`: where each weight goes as it is read (None: the default device; a Sharding; or
+    `(param_path, shape) -> Sharding`, e.g. `ediff_jax.sharding.encoder_leaf_sharding(mesh)`).
     """
     # Resolved once (builtin name, local directory or hub snapshot); everything below reads the directory.
     t5_dir = checkpoint_dir(text_config["t5_path"])
     clip_dir = checkpoint_dir(text_config["clip_path"])
-    t5_module, t5_params = load_t5_encoder(t5_dir, dtype=dtype)
-    clip_module, clip_params = load_clip_text_encoder(clip_dir, dtype=dtype)
+    t5_module, t5_params = load_t5_encoder(t5_dir, dtype=dtype, sharding=sharding)
+    clip_module, clip_params = load_clip_text_encoder(clip_dir, dtype=dtype, sharding=sharding)
     t5_tokenizer, clip_tokenizer = load_tokenizer(t5_dir), load_tokenizer(clip_dir)
     for name, path, tokenizer, module in (
         ("t5", text_config["t5_path"], t5_tokenizer, t5_module),

@@ -242,9 +242,21 @@ def build_experiment(config: ml_collections.ConfigDict, devices: list | None = N
             "devices; pick a multiple."
         )
     _check_batch_splits(config, phases, jax.process_count() if process_count is None else process_count)
-    encoders = load_text_encoders(config.text) if encoders is None else encoders
+    encoders = place_encoders(config, mesh, encoders)
     tx, schedule = make_optimizer(config.train)
     return Experiment(config, model, encoders, mesh, tx, schedule, phases, phase_ends)
+
+
+def place_encoders(config: ml_collections.ConfigDict, mesh: Mesh, encoders: TextEncoders | None) -> TextEncoders:
+    """The text encoders on `mesh`, split as `sharding.encoder_shardings` says (loaded that way, leaf by
+    leaf, or moved there when given; shape-only encoders, as a plan uses, are left as they are)."""
+    min_size = int(config.sharding.fsdp_min_size)
+    if encoders is None:
+        return load_text_encoders(config.text, sharding=sharding.encoder_leaf_sharding(mesh, min_size))
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(encoders.params)):
+        return encoders
+    placed = jax.device_put(encoders.params, sharding.encoder_shardings(encoders.params, mesh, min_size))
+    return dataclasses.replace(encoders, params=placed)
 
 
 def _state_initializer(exp: Experiment, e: int | None) -> tuple[Callable[[jax.Array], TrainState], jax.Array]:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ediff_jax import edm, experts, parallel, sr
+from ediff_jax import edm, experts, parallel, sharding, sr
 from ediff_jax import ema as ema_lib
 from ediff_jax.metrics import BUCKET_PREFIX
 from ediff_jax.text.conditioning import dropout_conditioning
@@ -207,7 +207,7 @@ def make_train_step(exp: Experiment, phase: int = 0) -> Callable[[TrainState, An
 def compile_train_step(exp: Experiment, state_shardings: Any, phase: int = 0) -> Callable:
     """jit with explicit shardings; the state is donated so it is updated in place."""
     step_fn = make_train_step(exp, phase)
-    enc_sharding = jax.tree.map(lambda _: parallel.replicated(exp.mesh), exp.encoders.params)
+    enc_sharding = sharding.encoder_shardings(exp.encoders.params, exp.mesh, int(exp.config.sharding.fsdp_min_size))
     return jax.jit(
         step_fn,
         in_shardings=(state_shardings, enc_sharding, parallel.batch_sharding(exp.mesh)),
