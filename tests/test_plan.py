@@ -116,6 +116,52 @@ def test_tiny_config_compiles_for_v5e_2x2(tmp_path):
                       0.4 * plan["compute"]["peak_flops_per_chip"] / plan["compute"]["flops_per_image"])
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs the TPU compiler: pip install -e .[tpu]")
+def test_text_encoding_plans_split_the_encoders_over_fsdp(tmp_path):
+    """`--encode` on the tiny config's encoders, v5e:2x2 as fsdp=4 (every divisible weight split): replicated,
+    each chip holds every parameter (count x 4 bytes) and no collective is needed; sharded, each chip holds
+    between a quarter and all of them, the compiler's own argument bytes hold those parameters plus the chip's
+    quarter of the 8 captions' tokens (at least: TPU tiles pad small arrays), fewer than replicated, and the
+    weights are all-gathered. FLOPs per caption agree with the CPU
+    compile of the same `encode` (`ediff_jax.flops`), and neither layout changes them."""
+    import json
+
+    from ediff_jax import flops
+    from ediff_jax.config_utils import load_config
+    from ediff_jax.text.conditioning import load_text_encoders
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    env.pop("XLA_FLAGS", None)
+    plans = {}
+    for layout in ("sharded", "replicated"):
+        out = tmp_path / f"{layout}.json"
+        result = subprocess.run([sys.executable, "-m", "ediff_jax.plan", "--config", "configs/base64.py:size=tiny",
+                                 "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.sharding.fsdp_min_size=0",
+                                 "--topology", "v5e:2x2", f"--encode={layout}", f"--out={out}"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "Captions/s per pod" in result.stdout
+        plans[layout] = json.loads(out.read_text())
+    encoders = load_text_encoders(load_config(str(REPO / "configs/base64.py:size=tiny")).text)
+    tokens = encoders.tokenize([""] * 8)
+    param_bytes = sum(x.size * 4 for x in jax.tree.leaves(encoders.params))
+    token_bytes_per_chip = sum(v.size * v.dtype.itemsize for v in tokens.values()) // 4
+    sharded, replicated = plans["sharded"], plans["replicated"]
+    assert replicated["params_per_chip_bytes"] == param_bytes and replicated["parameters"] * 4 == param_bytes
+    assert param_bytes / 4 <= sharded["params_per_chip_bytes"] < param_bytes
+    # The compiler's own argument bytes (TPU tiles pad small arrays, so at least the logical bytes) see the split.
+    assert sharded["memory"]["argument_bytes"] >= sharded["params_per_chip_bytes"] + token_bytes_per_chip
+    assert replicated["memory"]["argument_bytes"] >= param_bytes + token_bytes_per_chip
+    assert sharded["memory"]["argument_bytes"] < replicated["memory"]["argument_bytes"]
+    assert sharded["communication"]["per_kind"]["all-gather"]["count"] > 0
+    assert all(v["count"] == 0 for v in replicated["communication"]["per_kind"].values())
+    cpu = flops.compiled_flops(jax.jit(encoders.encode), encoders.params, tokens) / 8
+    for plan in plans.values():
+        assert plan["memory"]["fits"] and plan["captions_per_call"] == 8
+        np.testing.assert_allclose(plan["compute"]["flops_per_caption"], cpu, rtol=0.1)
+
+
 # --- --sweep -----------------------------------------------------------------------------------------
 
 
@@ -225,7 +271,9 @@ def test_sweep_flags_are_checked_on_the_command_line():
     """Sweep flags without --sweep, and a bad --sweep_batches: one `error:` line each, no traceback, before
     any compile."""
     for args, message in [(["--sweep_batches=4"], "error: --sweep_batches only applies to a sweep: add --sweep"),
-                          (["--sweep", "--sweep_batches=4,x"], "error: --sweep_batches='4,x': give per-chip batches")]:
+                          (["--sweep", "--sweep_batches=4,x"], "error: --sweep_batches='4,x': give per-chip batches"),
+                          (["--sweep", "--encode=sharded"], "error: --encode plans the text encoders and --sweep the "
+                                                            "train step: give one of them.")]:
         result = subprocess.run([sys.executable, "-m", "ediff_jax.plan", "--config", "configs/base64.py:size=tiny",
                                  "--topology", "v5e:2x2", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode == 1 and result.stderr.startswith(message), result.stderr[-2000:]

@@ -7,6 +7,7 @@
   encoders.py  T5/CLIP as shapes only (their config.json, or the paper checkpoints' published configs)
   hlo.py       collectives read from compiled HLO text: count, bytes, ring wire bytes
   compile.py   build the experiment on compile-only topology devices, compile the trainer's step, report
+  encode.py    --encode: the text-embedding cache's T5 + CLIP encoding, sharded or replicated
   sweep.py     --sweep: plan every mesh shape x remat x per-chip batch, rank what fits by predicted throughput
   __main__.py  the CLI
 

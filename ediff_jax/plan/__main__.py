@@ -7,6 +7,10 @@ the plan as JSON. Config variants and overrides work as in `python -m ediff_jax.
 `--sweep [--sweep_batches=4,8 --sweep_remat=off,on --sweep_meshes='data=4;data=2,fsdp=2']` plans
 every mesh shape, remat setting and per-chip batch instead (`sweep.py`), prints them ranked by
 predicted throughput with the best named last; `--out` writes all rows and the best.
+
+`--encode sharded|replicated` plans the text-embedding cache instead (`encode.py`): T5 + CLIP
+encoding of `train.batch_size` captions per call, the encoders split by the sharding rules or
+whole on every chip.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ flags.DEFINE_string("sweep_batches", None, "With --sweep: per-chip batches, e.g.
 flags.DEFINE_string("sweep_remat", None, "With --sweep: off, on or off,on (default).")
 flags.DEFINE_string("sweep_meshes", None, "With --sweep: only these meshes, e.g. 'data=4;data=2,fsdp=2' (default: "
                     "every factorisation of the chips).")
+flags.DEFINE_enum("encode", None, ["sharded", "replicated"], "Plan the text-embedding cache's encoding (T5 + CLIP "
+                  "on train.batch_size captions) instead of the train step: encoders split by the sharding rules, "
+                  "or whole on every chip.")
 FLAGS = flags.FLAGS
 SWEEP_FLAGS = ("sweep_batches", "sweep_remat", "sweep_meshes")
 
@@ -69,14 +76,31 @@ def print_sweep(options: dict) -> None:
         print(f"Wrote {FLAGS.out}.")
 
 
+def print_encoding_plan() -> None:
+    from ediff_jax.plan.encode import format_encoding_plan, plan_text_encoding
+
+    plan = plan_text_encoding(FLAGS.config, FLAGS.topology, FLAGS.encode)
+    print(format_encoding_plan(plan))
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(plan, f, indent=2)
+        print(f"Wrote {FLAGS.out}.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         logs.fail(f"unexpected arguments {argv[1:]}: every setting is a flag, e.g. --config.mesh.fsdp=-1.")
     if FLAGS.config is None:
         logs.fail("--config is required, e.g. --config configs/base64.py:size=tiny.")
     with logs.user_errors(ValueError):
+        if FLAGS.encode and FLAGS.sweep:
+            raise ValueError("--encode plans the text encoders and --sweep the train step: give one of them.")
         options = sweep_options(sys.argv)
     logs.quiet_library_logs()
+    if FLAGS.encode:
+        with logs.user_errors(ValueError, FileNotFoundError):
+            print_encoding_plan()
+        return
     if FLAGS.sweep:
         with logs.user_errors(ValueError, FileNotFoundError):
             print_sweep(options)

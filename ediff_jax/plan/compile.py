@@ -78,8 +78,9 @@ def plan_train_step(config: ml_collections.ConfigDict, topology: str) -> dict[st
     phase = max(len(exp.phases) - 1, 0)
     abstract, shardings = state_shardings(exp, phase)
     state = abstract_with_shardings(abstract, shardings)
-    replicated = parallel.replicated(exp.mesh)
-    enc = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), exp.encoders.params)
+    enc_shardings = sharding.encoder_shardings(exp.encoders.params, exp.mesh, int(config.sharding.fsdp_min_size))
+    enc = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), exp.encoders.params,
+                       enc_shardings)
     batch = abstract_batch(exp)
     lowered = compile_train_step(exp, shardings, phase).lower(state, enc, batch)
     try:
