@@ -466,9 +466,9 @@ def test_warm_start_of_one_model_equals_the_uninterrupted_run(warm_started):
 
 @pytest.mark.slow
 def test_warm_start_branches_the_shared_model_into_experts(warm_started):
-    """The branched run starts as the source's model stacked as phase 0's one expert (params, EMAs and
-    Adam state), at the source's step; at the phase end it branches into 2 experts that then differ;
-    the source workdir is only read."""
+    """The branched run starts as the source's model stacked as phase 0's one expert (params, EMAs, the
+    post-hoc power EMA and Adam state), at the source's step; at the phase end it branches into 2 experts
+    that then differ, and its post-hoc snapshots reconstruct them; the source workdir is only read."""
     source, start, end = warm_started["source"], warm_started["at_branch"], warm_started["end"]
     assert int(start.step) == 2 and experts.num_experts(start.params) == 1
     for field in ("params", "ema_params", "extra_emas", "power_emas", "opt_state"):
@@ -479,6 +479,12 @@ def test_warm_start_branches_the_shared_model_into_experts(warm_started):
     root = warm_started["root"]
     _, exp, ema = load_workdir(root / "branched")
     assert experts.num_experts(ema) == 2 and exp.boundaries.shape == (1,)
+    # Post-hoc EMA across the branch: the run's one tracked exponent, asked for at its newest snapshot, is
+    # exactly the experts' tracked power EMA (the snapshots are stacked and read back onto 2 experts).
+    from ediff_jax.ema import gamma_to_sigma_rel
+
+    _, _, recon = load_workdir(root / "branched", ema_sigma_rel=float(gamma_to_sigma_rel(6.94)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), recon, end.power_emas[0])
     history = sorted((root / "branched" / "config_history").glob("*.json"))
     assert "_step2" in history[0].name  # the first run of the branched workdir started at the source's step
     assert sorted(str(p.relative_to(root / "source")) for p in (root / "source").rglob("*")) == \
