@@ -9,8 +9,9 @@ every mesh shape, remat setting and per-chip batch instead (`sweep.py`), prints 
 predicted throughput with the best named last; `--out` writes all rows and the best.
 
 `--encode sharded|replicated` plans the text-embedding cache instead (`encode.py`): T5 + CLIP
-encoding of `train.batch_size` captions per call, the encoders split by the sharding rules or
-whole on every chip.
+encoding of `train.batch_size` captions per call, the encoders split as training places them
+(FSDP over `mesh.fsdp`) or whole on every chip. It reads `config.text`, `config.mesh`,
+`config.train.batch_size` and `config.sharding.fsdp_min_size`; the UNet's settings play no part.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ flags.DEFINE_string("sweep_remat", None, "With --sweep: off, on or off,on (defau
 flags.DEFINE_string("sweep_meshes", None, "With --sweep: only these meshes, e.g. 'data=4;data=2,fsdp=2' (default: "
                     "every factorisation of the chips).")
 flags.DEFINE_enum("encode", None, ["sharded", "replicated"], "Plan the text-embedding cache's encoding (T5 + CLIP "
-                  "on train.batch_size captions) instead of the train step: encoders split by the sharding rules, "
-                  "or whole on every chip.")
+                  "on train.batch_size captions) instead of the train step: encoders split as training places them "
+                  "(FSDP over mesh.fsdp), or whole on every chip.")
 FLAGS = flags.FLAGS
 SWEEP_FLAGS = ("sweep_batches", "sweep_remat", "sweep_meshes")
 
