@@ -1,5 +1,7 @@
 """Conditioning assembly and the text-embedding cache."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,8 @@ from ediff_jax.config_utils import base_config
 from ediff_jax.data import pipeline
 from ediff_jax.text import cache as text_cache
 from ediff_jax.text.conditioning import dropout_conditioning, load_text_encoders, select_encoders, unconditional
+
+REPO = Path(__file__).resolve().parents[1]
 
 PROMPTS = ["a red circle", "a blue square to the left of a green triangle", "a yellow circle in the top left"]
 
@@ -73,6 +77,39 @@ def test_cache_round_trips(encoders, shapes_data_dir, tmp_path):
         np.testing.assert_allclose(got[k], fresh[k], atol=1e-5, err_msg=k)
     with pytest.raises(KeyError, match="not in the text-embedding cache"):
         loaded.lookup(["a mauve hexagon"])
+
+
+def test_cache_command_builds_what_training_reads(shapes_data_dir, tmp_path, monkeypatch):
+    """`python -m ediff_jax.text.cache --config C` (in process) loads the encoders onto the config's mesh (all 8
+    devices), as training does, and writes the file training would look up: same path (settings and weights),
+    and its rows equal a fresh encoding on one device."""
+    import shutil
+
+    from ediff_jax.config_utils import load_config
+    from ediff_jax.text import conditioning
+
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(shapes_data_dir, data_dir)
+    config_arg = "configs/base64.py:size=tiny"
+    loaded, original = [], conditioning.load_text_encoders
+
+    def recording(*args, **kwargs):
+        loaded.append(original(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(conditioning, "load_text_encoders", recording)
+    text_cache.main(["--config", str(REPO / config_arg), "--data_dir", str(data_dir)])
+    assert all(x.sharding.mesh.size == len(jax.devices()) for x in jax.tree.leaves(loaded[0].params))
+    config = load_config(str(REPO / config_arg))
+    builder = pipeline.builder_from_config(config.data, data_dir=str(data_dir))
+    one_device = load_text_encoders(config.text)
+    path = text_cache.cache_path(builder, config.text, one_device.fingerprints)
+    assert path.exists()
+    captions = pipeline.read_captions(builder, "validation")[:6]
+    got = text_cache.TextEmbeddingCache.load(path).lookup(captions)
+    fresh = jax.device_get(one_device.encode(one_device.params, one_device.tokenize(captions)))
+    for k in text_cache.COND_KEYS:
+        np.testing.assert_allclose(got[k], fresh[k], atol=1e-5, err_msg=k)
 
 
 def test_cache_key_depends_on_encoders():

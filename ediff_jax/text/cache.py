@@ -127,6 +127,7 @@ def load_or_build_cache(builder: Any, encoders: TextEncoders, text_config: Mappi
 
 
 def main(argv: Sequence[str]) -> None:
+    from ediff_jax import parallel, sharding
     from ediff_jax.config_utils import load_config
     from ediff_jax.data import pipeline
     from ediff_jax.text.conditioning import load_text_encoders
@@ -139,7 +140,10 @@ def main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     config = load_config(args.config)
     builder = pipeline.prepare(pipeline.builder_from_config(config.data, data_dir=args.data_dir or config.data.data_dir))
-    build_cache(builder, load_text_encoders(config.text), config.text)
+    # The encoders where training puts them (`training.place_encoders`): split over config.mesh's fsdp axis.
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    placement = sharding.encoder_leaf_sharding(mesh, int(config.sharding.fsdp_min_size))
+    build_cache(builder, load_text_encoders(config.text, sharding=placement), config.text)
 
 
 if __name__ == "__main__":
